@@ -1,0 +1,182 @@
+"""Build the nucleus Mask R-CNN (torchvision) with an image-level tissue-class head.
+
+Two changes to torchvision's model make it fit whole-slide style inference:
+the transform neither resizes (tiles already arrive at the model's µm/px) nor pastes
+masks at full image size (that costs ~12 MB per nucleus); masks come back as 28×28
+probabilities and are pasted box-locally by :mod:`napari_bach.paste`.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import misc as misc_nn_ops
+
+from .config import ModelConfig
+
+NUM_DETECTION_CLASSES = 2  # background, nucleus
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Raised when torchvision's pretrained weights cannot be fetched (e.g. offline)."""
+
+
+class _TileTransform(GeneralizedRCNNTransform):
+    """Normalise and batch only: no resize, no full-size mask paste."""
+
+    channels_last = False  # set for CPU inference: ~25% faster convolutions
+
+    def batch_images(self, images, size_divisible: int = 32):
+        batch = super().batch_images(images, size_divisible)
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
+    def resize(self, image, target=None):
+        return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        return result
+
+
+class TissueHead(nn.Module):
+    """Image-level BACH class from globally pooled FPN features."""
+
+    def __init__(self, channels: int, n_classes: int) -> None:
+        super().__init__()
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(channels, n_classes))
+
+    def forward(self, features: "OrderedDict[str, torch.Tensor]") -> torch.Tensor:
+        pooled = torch.stack([f.mean(dim=(2, 3)) for f in features.values()]).mean(0)
+        return self.classifier(pooled)
+
+
+class BachMaskRCNN(MaskRCNN):
+    """Mask R-CNN whose eval output keeps 28×28 mask probabilities and tissue logits."""
+
+    def __init__(self, backbone: nn.Module, config: ModelConfig, **kwargs) -> None:
+        super().__init__(backbone, **kwargs)
+        self.config = config
+        self.transform = _TileTransform(0, 0, list(config.mean), list(config.std), size_divisible=32)
+        self.tissue_head = TissueHead(backbone.out_channels, len(config.tissue_classes))
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        """Training: dict of losses. Eval: per image dict with boxes, scores, masks
+        (N×1×28×28 probabilities, not pasted) and tissue_logits."""
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors)
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        detections, det_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        tissue_logits = self.tissue_head(features)
+        if self.training:
+            losses = {**rpn_losses, **det_losses}
+            labels = torch.stack([t.get("tissue", torch.tensor(-1)) for t in targets]).to(tissue_logits.device)
+            known = labels >= 0
+            if known.any():
+                losses["loss_tissue"] = F.cross_entropy(tissue_logits[known], labels[known])
+            else:  # keeps the head in the graph so every step has the same loss keys
+                losses["loss_tissue"] = tissue_logits.sum() * 0.0
+            return losses
+        for det, logits in zip(detections, tissue_logits):
+            det["tissue_logits"] = logits
+        return detections
+
+
+def _norm_layer(norm: str):
+    if norm == "group":
+        return lambda channels: nn.GroupNorm(32, channels)
+    if norm == "bn":
+        return nn.BatchNorm2d
+    return misc_nn_ops.FrozenBatchNorm2d
+
+
+def build_model(config: ModelConfig, pretrained: str | None = None) -> BachMaskRCNN:
+    """Build the model from its config.
+
+    ``pretrained`` is None (from scratch), ``"imagenet"`` (backbone weights) or ``"coco"``
+    (torchvision's COCO Mask R-CNN, ResNet-50 only); both need internet on first use.
+    """
+    if pretrained is not None and config.norm != "frozen_bn":
+        raise ValueError("pretrained weights expect norm='frozen_bn' (BatchNorm statistics)")
+    trunk = getattr(resnet, config.backbone)(weights=None, norm_layer=_norm_layer(config.norm))
+    if pretrained is not None:  # torchvision's fine-tuning default: stem and layer1 stay frozen
+        for name, param in trunk.named_parameters():
+            if not name.startswith(("layer2", "layer3", "layer4")):
+                param.requires_grad_(False)
+    stage2 = trunk.inplanes // 8
+    backbone = BackboneWithFPN(
+        trunk,
+        return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)},
+        in_channels_list=[stage2 * 2**i for i in range(4)],
+        out_channels=config.fpn_channels,
+    )
+    c = config.fpn_channels
+    anchors = AnchorGenerator(config.anchor_sizes, (config.aspect_ratios,) * len(config.anchor_sizes))
+    model = BachMaskRCNN(
+        backbone,
+        config,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        rpn_fg_iou_thresh=config.rpn_fg_iou,
+        rpn_bg_iou_thresh=config.rpn_bg_iou,
+        rpn_nms_thresh=config.rpn_nms,
+        rpn_batch_size_per_image=config.rpn_batch_size,
+        rpn_pre_nms_top_n_train=config.rpn_pre_nms_train,
+        rpn_post_nms_top_n_train=config.rpn_post_nms_train,
+        rpn_pre_nms_top_n_test=config.rpn_pre_nms_test,
+        rpn_post_nms_top_n_test=config.rpn_post_nms_test,
+        box_head=TwoMLPHead(c * 7 * 7, config.box_head_dim),
+        box_predictor=FastRCNNPredictor(config.box_head_dim, NUM_DETECTION_CLASSES),
+        box_batch_size_per_image=config.box_batch_size,
+        box_positive_fraction=config.box_positive_fraction,
+        box_score_thresh=config.candidate_score,
+        box_nms_thresh=config.candidate_nms,
+        box_detections_per_img=config.max_candidates_per_tile,
+        mask_head=MaskRCNNHeads(c, [config.mask_head_channels] * config.mask_head_layers, 1),
+        mask_predictor=MaskRCNNPredictor(config.mask_head_channels, config.mask_head_channels, NUM_DETECTION_CLASSES),
+    )
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def load_pretrained(model: BachMaskRCNN, source: str) -> int:
+    """Copy torchvision's pretrained tensors whose names and shapes match; returns how many.
+
+    Downloads on first use; offline this raises :class:`PretrainedWeightsUnavailable`.
+    """
+    from torchvision.models import get_model_weights
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    backbone = model.config.backbone
+    if source == "imagenet":
+        weights, target, prefix = get_model_weights(backbone).IMAGENET1K_V1, model.backbone.body, ""
+    elif source == "coco":
+        if backbone != "resnet50":
+            raise ValueError("COCO Mask R-CNN weights exist for resnet50 only")
+        weights, target, prefix = MaskRCNN_ResNet50_FPN_Weights.COCO_V1, model, ""
+    else:
+        raise ValueError(f"unknown pretrained source {source!r}; use 'imagenet' or 'coco'")
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as exc:  # urllib/http/SSL errors all mean the same thing to a user
+        raise PretrainedWeightsUnavailable(
+            f"could not download {source} weights for {backbone} ({exc.__class__.__name__}: {exc}). "
+            "This needs internet access once (torchvision caches them under TORCH_HOME); "
+            "offline, train from scratch (the default) or copy the file into that cache."
+        ) from exc
+    own = target.state_dict()
+    matched = {k[len(prefix):]: v for k, v in state.items() if k[len(prefix):] in own and own[k[len(prefix):]].shape == v.shape}
+    target.load_state_dict(matched, strict=False)
+    return len(matched)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Training and evaluation for the napari-bach Mask R-CNN (uses the plugin's Qt-free core)."""

@@ -1,0 +1,127 @@
+"""``python -m src_train train|evaluate ...`` — train and evaluate napari-bach models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from napari_bach.config import BACKBONES, ModelConfig
+
+
+def _load_nuclei(args) -> tuple[list, list, list[str]]:
+    """Nucleus samples from every source given; validation from exact instances only."""
+    from .datasets import load_exported, load_mask_folder, load_monuseg, stratified_split
+
+    samples, notes = [], []
+    for root in args.monuseg or []:
+        samples += load_monuseg(root)
+        notes.append(f"MoNuSeg 2018 training images ({root})")
+    for root in args.exported or []:
+        samples += load_exported(root)
+        notes.append(f"napari-bach exported labels ({root})")
+    for images, masks in args.masks or []:
+        samples += load_mask_folder(images, masks, args.masks_mpp)
+        notes.append(f"mask folder {masks}")
+    exact = [s for s in samples if s.exact]
+    rough = [s for s in samples if not s.exact]
+    train, val = stratified_split(exact, args.val_fraction, args.seed, args.folds, args.fold)
+    return train + rough, val, notes
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, Trainer
+    from .datasets import load_bach, stratified_split
+
+    overrides = {}
+    if args.mpp:
+        overrides["mpp"] = args.mpp
+    if args.pretrained:
+        overrides["norm"] = "frozen_bn"
+    model_cfg = ModelConfig.preset(args.backbone, **overrides)
+    cfg = TrainConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                      lr=args.lr, val_every=args.val_every, patience=args.patience,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+                      threads=args.threads, max_steps=args.max_steps, crops_per_image=args.crops_per_image)
+    cfg.augment.crop = args.crop
+    train, val, notes = _load_nuclei(args)
+    tissue = []
+    if args.bach:
+        bach_train, bach_val = stratified_split(load_bach(args.bach), args.val_fraction, args.seed, args.folds, args.fold)
+        tissue = bach_train
+        notes.append(f"BACH tissue classes ({args.bach}; {len(bach_train)} train / {len(bach_val)} held out)")
+    if not train and not tissue:
+        print("no training data: give --monuseg, --exported, --masks or --bach", file=sys.stderr)
+        return 2
+    trainer = Trainer(model_cfg, cfg, train, val, tissue, data_note="; ".join(notes),
+                      license=args.license, pretrained=args.pretrained)
+    last = Path(args.out) / "last.pt"
+    if args.resume:
+        trainer.resume(args.resume if args.resume != "auto" else last)
+        print(f"resumed at step {trainer.step}", file=sys.stderr)
+    print(f"{len(train)} nucleus images for training, {len(val)} for validation, {len(tissue)} tissue images; "
+          f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps", file=sys.stderr)
+    result = trainer.run(progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_main
+
+    return evaluate_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src_train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_args(p):
+        p.add_argument("--monuseg", action="append", help="MoNuSeg-style folder (images/, annotations/, masks/)")
+        p.add_argument("--exported", action="append", help="dataset folder exported by the napari plugin")
+        p.add_argument("--masks", nargs=2, action="append", metavar=("IMAGES", "MASKS"), help="image and mask folders")
+        p.add_argument("--masks-mpp", type=float, default=0.42, help="µm/px of --masks images without tags")
+        p.add_argument("--bach", help="BACH folder with Normal/ Benign/ InSitu/ Invasive/")
+        p.add_argument("--val-fraction", type=float, default=0.2)
+        p.add_argument("--folds", type=int, default=None, help="k-fold instead of a single split")
+        p.add_argument("--fold", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="train a model")
+    data_args(t)
+    t.add_argument("--out", default="runs/default", help="run folder: log.csv, val.jsonl, last.pt, best.pt")
+    t.add_argument("--backbone", choices=BACKBONES, default="resnet18")
+    t.add_argument("--pretrained", choices=["imagenet", "coco"], default=None, help="needs internet once")
+    t.add_argument("--mpp", type=float, default=None, help="working µm/px (default 0.4)")
+    t.add_argument("--epochs", type=int, default=50)
+    t.add_argument("--max-steps", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=2)
+    t.add_argument("--crop", type=int, default=384)
+    t.add_argument("--crops-per-image", type=int, default=4)
+    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--val-every", type=int, default=5, help="epochs between validations")
+    t.add_argument("--patience", type=int, default=6, help="validations without improvement")
+    t.add_argument("--checkpoint-every", type=int, default=200, help="steps")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint (default OUT/last.pt)")
+    t.add_argument("--license", default="", help="license of the training data, recorded in the checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out data")
+    data_args(e)
+    e.add_argument("--model", required=True)
+    e.add_argument("--out", default=None, help="folder for metrics.json and plots")
+    e.add_argument("--all", action="store_true", help="evaluate on every image, not only the held-out split")
+    e.add_argument("--log", default=None, help="training log.csv to plot loss curves from")
+    e.set_defaults(func=cmd_evaluate)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

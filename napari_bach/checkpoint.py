@@ -103,7 +103,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[BachMaskRCNN
         raise CheckpointError(f"{name}: invalid config or metadata ({exc})") from exc
     model = build_model(config)
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        raise CheckpointError(f"{name}: weights do not match the stored config ({str(exc).splitlines()[1].strip()})") from exc
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{name}: weights do not match the stored config "

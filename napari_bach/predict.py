@@ -20,6 +20,7 @@ from .paste import mask_crops
 from .tiling import tile_grid
 
 BACKGROUND_LEVEL = 220  # pixels brighter than this in every channel count as glass
+MIN_TISSUE_PIXELS = 16  # a tile with fewer non-glass pixels holds no nucleus
 
 
 @dataclass
@@ -48,9 +49,10 @@ def _to_model_scale(rgb: np.ndarray, factor: float) -> torch.Tensor:
     return t
 
 
-def tissue_fraction(tile: torch.Tensor) -> float:
-    """Share of non-glass pixels; glass-only tiles are skipped and do not vote on class."""
-    return float((tile.amin(dim=0) < BACKGROUND_LEVEL / 255.0).float().mean())
+def tissue_pixels(tile: torch.Tensor) -> int:
+    """Non-glass pixels: glass-only tiles are skipped, and tiles vote on the tissue class
+    in proportion to how much tissue they hold."""
+    return int((tile.amin(dim=0) < BACKGROUND_LEVEL / 255.0).sum())
 
 
 def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None = None,
@@ -75,8 +77,8 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None =
     yield Progress(0, len(tiles), f"{len(tiles)} tiles at {cfg.mpp:g} µm/px")
     for k, tile in enumerate(tiles):
         crop = image[:, tile.y0 : tile.y1, tile.x0 : tile.x1]
-        frac = tissue_fraction(crop)
-        if frac >= 0.01:
+        tissue = tissue_pixels(crop)
+        if tissue >= MIN_TISSUE_PIXELS:
             with torch.inference_mode():
                 out = model([crop.to(device)])[0]
             boxes = out["boxes"].cpu() + torch.tensor([tile.x0, tile.y0, tile.x0, tile.y0], dtype=torch.float32)
@@ -86,14 +88,15 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None =
             offsets, crops = mask_crops(out["masks"].cpu()[own], boxes, orig_shape)
             parts.append(Detections(orig_shape, boxes.numpy(), out["scores"].cpu()[own].numpy(), offsets, crops))
             tissue_logits.append(out["tissue_logits"].cpu())
-            weights.append(frac)
+            weights.append(float(tissue))
         yield Progress(k + 1, len(tiles), f"tile {k + 1}/{len(tiles)}")
     probs = None
     if tissue_trained and tissue_logits:
         wt = torch.tensor(weights)[:, None]
         probs = ((torch.stack(tissue_logits).softmax(-1) * wt).sum(0) / wt.sum()).numpy()
     return Detections.concatenate(parts, orig_shape, tissue_probs=probs, candidate_nms=cfg.candidate_nms,
-                                  meta={"image_mpp": mpp, "model_mpp": cfg.mpp, "tiles": len(tiles)})
+                                  meta={"image_mpp": mpp, "model_mpp": cfg.mpp, "tiles": len(tiles),
+                                        "classes": cfg.tissue_classes})
 
 
 def predict(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None = None, tissue_trained: bool = True,

@@ -1,0 +1,218 @@
+"""The "Segment nuclei" dock widget: collect parameters, run a worker, show layers.
+
+All computation lives in the Qt-free core; this module only wires it to napari.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, ProgressBar,
+                              PushButton, create_widget)
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+
+from .checkpoint import DEFAULT_MODEL, load_checkpoint
+from .config import ModelConfig
+from .detections import Detections
+from .imageio import BACH_MPP, to_rgb_uint8
+from .layers import ROLE_KEY, result_layers
+from .measure import hematoxylin, measure_nuclei
+from .predict import available_devices, iter_predict
+
+DEFAULT_CHOICE = "Default (shipped)"
+FILE_CHOICE = "Checkpoint file…"
+
+
+class ModelCache:
+    """Loaded models by (path, device): loading takes longer than a small image's run."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str], tuple] = {}
+
+    def get(self, path: Path, device: str):
+        key = (str(Path(path).resolve()), device)
+        if key not in self._models:
+            self._models[key] = load_checkpoint(path, device)
+        return self._models[key]
+
+
+@thread_worker
+def _segment(rgb: np.ndarray, model_path: Path, device: str, mpp: float, cache: ModelCache):
+    yield "loading model"
+    model, info = cache.get(model_path, device)
+    det = yield from iter_predict(rgb, model, mpp, tissue_trained=info.tissue_trained)
+    yield "measuring"
+    return det, info, hematoxylin(rgb)
+
+
+def layer_rgb(layer) -> np.ndarray:
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return to_rgb_uint8(np.asarray(data))
+
+
+def layer_mpp(layer) -> float:
+    """µm/px from reader metadata, else from a non-unit scale, else BACH's 0.42."""
+    mpp = (layer.metadata or {}).get("mpp")
+    if mpp:
+        return float(mpp)
+    if not np.isclose(layer.scale[-1], 1.0):
+        return float(layer.scale[-1])
+    return BACH_MPP
+
+
+def tissue_text(probs: np.ndarray | None, classes: tuple[str, ...], known: str | None) -> str:
+    if probs is None:
+        text = "Tissue class: not trained (this model has no tissue-class training)"
+    else:
+        best = int(np.argmax(probs))
+        text = f"Tissue class: {classes[best]} ({probs[best]:.0%})\n" + " · ".join(
+            f"{c} {p:.0%}" for c, p in zip(classes, probs))
+    if known:
+        text += f"\nFile name says: {known}"
+    return text
+
+
+class SegmentWidget(Container):
+    """Mask R-CNN nuclei + tissue class for the chosen image layer."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer") -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        cfg = ModelConfig()
+        self._image = create_widget(label="Image", annotation="napari.layers.Image")
+        self._model = ComboBox(label="Model", choices=[DEFAULT_CHOICE, FILE_CHOICE], value=DEFAULT_CHOICE)
+        self._model_file = FileEdit(label="Checkpoint", filter="*.pt", visible=False)
+        self._device = ComboBox(label="Device", choices=available_devices(), value="cpu")
+        self._mpp = FloatSpinBox(label="µm/px", min=0.05, max=5.0, step=0.01, value=BACH_MPP)
+        self._score = FloatSlider(label="Score threshold", min=cfg.candidate_score, max=1.0, step=0.01,
+                                  value=cfg.default_score_threshold)
+        self._nms = FloatSlider(label="NMS IoU", min=0.1, max=cfg.candidate_nms, step=0.01, value=cfg.default_nms_iou)
+        self._run = PushButton(text="Segment nuclei")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
+        self._status = Label(label="Status", value="")
+        self._tissue = Label(label="Result", value="")
+        self.extend([self._image, self._model, self._model_file, self._device, self._mpp, self._score, self._nms,
+                     self._run, self._cancel, self._progress, self._status, self._tissue])
+        for label in (self._status, self._tissue):
+            label.native.setWordWrap(True)
+        self.worker = None
+        self.result: dict | None = None
+        self._cache = ModelCache()
+        self._model.changed.connect(lambda v: setattr(self._model_file, "visible", v == FILE_CHOICE))
+        self._image.changed.connect(self._on_image_changed)
+        self._run.changed.connect(self.run)
+        self._cancel.changed.connect(self.cancel)
+        self._score.changed.connect(self.refilter)
+        self._nms.changed.connect(self.refilter)
+        self._on_image_changed(self._image.value)
+        self._show_model_status()
+
+    # -- parameters -----------------------------------------------------------------------
+    def model_path(self) -> Path:
+        return DEFAULT_MODEL if self._model.value == DEFAULT_CHOICE else Path(self._model_file.value)
+
+    def _show_model_status(self) -> None:
+        if self._model.value == DEFAULT_CHOICE and not DEFAULT_MODEL.exists():
+            self._status.value = "No default model is shipped in this install: choose a checkpoint file."
+
+    def _on_image_changed(self, layer) -> None:
+        if layer is not None:
+            self._mpp.value = layer_mpp(layer)
+
+    # -- running --------------------------------------------------------------------------
+    def run(self) -> None:
+        layer = self._image.value
+        if layer is None:
+            self._status.value = "Open an image first (File > Open, or File > Open Sample > napari-bach)."
+            return
+        path = self.model_path()
+        if not path.is_file():
+            self._status.value = f"Model file not found: {path}"
+            return
+        try:
+            rgb = layer_rgb(layer)
+        except ValueError as exc:
+            show_error(f"napari-bach: {exc}")
+            return
+        source, placement = layer.name, {"scale": tuple(layer.scale[-2:]), "units": tuple(layer.units[-2:])}
+        known = (layer.metadata or {}).get("tissue_class")
+        mpp = float(self._mpp.value)
+        self.worker = _segment(rgb, path, self._device.value, mpp, self._cache, _start_thread=False)
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(lambda out: self._on_done(out, source, placement, known, mpp))
+        self.worker.errored.connect(self._on_error)
+        self.worker.aborted.connect(self._on_aborted)
+        self.worker.finished.connect(self._on_finished)
+        self._run.enabled, self._cancel.enabled = False, True
+        self._progress.value = 0
+        self._status.value = "Starting…"
+        self.worker.start()
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self._status.value = "Cancelling after the current tile…"
+            self.worker.quit()
+
+    def _on_progress(self, step) -> None:
+        if isinstance(step, str):
+            self._status.value = step.capitalize() + "…"
+            return
+        self._progress.max = max(step.total, 1)
+        self._progress.value = step.done
+        self._status.value = step.message
+
+    def _on_done(self, out, source: str, placement: dict, known: str | None, mpp: float) -> None:
+        det, info, hema = out
+        self.result = {"det": det, "info": info, "hema": hema, "source": source, "placement": placement,
+                       "known": known, "mpp": mpp}
+        self._tissue.value = tissue_text(det.tissue_probs, det.meta["classes"], known)
+        self.refilter()
+        n = self.result["count"]
+        self._status.value = f"{n} nuclei · {info.status}"
+        if not info.nuclei_trained:
+            show_info("napari-bach: this model is UNTRAINED; its masks are meaningless.")
+        self._viewer.scale_bar.visible = True
+
+    def _on_error(self, exc: Exception) -> None:
+        self._status.value = f"Failed: {exc}"
+        show_error(f"napari-bach: {exc}")
+
+    def _on_aborted(self) -> None:
+        self._status.value = "Cancelled; earlier results are kept."
+
+    def _on_finished(self) -> None:
+        self._run.enabled, self._cancel.enabled = True, False
+        self.worker = None
+
+    # -- results --------------------------------------------------------------------------
+    def refilter(self, *_) -> None:
+        """Re-apply score threshold and NMS to the cached candidates (no network)."""
+        if self.result is None:
+            return
+        r = self.result
+        det: Detections = r["det"]
+        seg = det.refilter(float(self._score.value), float(self._nms.value))
+        features = measure_nuclei(seg, r["hema"], r["mpp"])
+        classes = det.meta["classes"]
+        meta = {
+            "tissue_probs": None if det.tissue_probs is None else dict(zip(classes, map(float, det.tissue_probs))),
+            "tissue_class_from_file": r["known"], "model": r["info"].status, "model_name": r["info"].name,
+            "score_threshold": float(self._score.value), "nms_iou": float(self._nms.value), "image_mpp": r["mpp"],
+        }
+        for data, kwargs, layer_type in result_layers(seg, r["source"], r["placement"], features, meta):
+            self._put_layer(data, kwargs, layer_type)
+        r["count"] = len(seg.ids)
+        if self.worker is None:
+            self._status.value = f"{len(seg.ids)} nuclei · {r['info'].status}"
+
+    def _put_layer(self, data, kwargs: dict, layer_type: str) -> None:
+        role = kwargs["metadata"][ROLE_KEY]
+        for layer in self._viewer.layers:
+            if (layer.metadata or {}).get(ROLE_KEY) == role:
+                layer.data = data
+                layer.features = kwargs["features"]
+                layer.metadata = kwargs["metadata"]
+                return
+        getattr(self._viewer, f"add_{layer_type}")(data, **kwargs)

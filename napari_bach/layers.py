@@ -1,0 +1,37 @@
+"""Segmentation results as napari LayerDataTuples (plain data, no napari import).
+
+Result layers carry ``metadata["napari_bach"] = {"role": ..., "source": image name}`` so the
+widget can find and replace them on re-run instead of stacking duplicates.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .detections import Segmentation
+
+ROLE_KEY = "napari_bach"
+
+
+def box_corners(boxes: np.ndarray) -> list[np.ndarray]:
+    """x0 y0 x1 y1 boxes -> napari rectangles (4 corners in row, column order)."""
+    return [np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], np.float32) for x0, y0, x1, y1 in boxes]
+
+
+def result_layers(seg: Segmentation, source: str, placement: dict, features: dict | None = None,
+                  metadata: dict | None = None) -> list[tuple]:
+    """Labels of nuclei (with the per-nucleus table) and Shapes of their boxes.
+
+    ``placement`` holds the source image's ``scale`` and ``units`` so overlays line up."""
+    meta = dict(metadata or {})
+    table = features if features is not None else {"index": seg.ids, "score": seg.scores}
+    labels = (seg.labels, {
+        "name": f"{source} nuclei", **placement, "features": table, "opacity": 0.5,
+        "metadata": {**meta, ROLE_KEY: {"role": "nuclei", "source": source}},
+    }, "labels")
+    boxes = (box_corners(seg.boxes), {
+        "name": f"{source} boxes", **placement, "shape_type": "rectangle",
+        "features": {"index": seg.ids, "score": seg.scores}, "edge_color": "yellow",
+        "face_color": "transparent", "edge_width": 1.0, "visible": len(seg.ids) <= 3000,
+        "metadata": {ROLE_KEY: {"role": "boxes", "source": source}},
+    }, "shapes")
+    return [labels, boxes]

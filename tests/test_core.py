@@ -1,0 +1,80 @@
+"""Tiling, box-local paste, refilter semantics and the tiled predictor."""
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from napari_bach.detections import Detections
+from napari_bach.paste import mask_crops, paste_labels
+from napari_bach.tiling import tile_grid
+
+
+def test_tile_cores_partition_the_image():
+    tiles = tile_grid(300, 517, size=128, overlap=32)
+    owners = np.zeros((300, 517), int)
+    for t in tiles:
+        y0, x0, y1, x1 = t.core
+        owners[y0:y1, x0:x1] += 1
+        assert t.y1 - t.y0 == 128 and t.x1 - t.x0 == 128
+        assert t.y0 <= y0 and y1 <= t.y1 and t.x0 <= x0 and x1 <= t.x1
+    assert (owners == 1).all()
+    # neighbouring tiles overlap by at least the requested margin
+    xs = sorted({(t.x0, t.x1) for t in tiles})
+    assert all(a[1] - b[0] >= 32 for a, b in zip(xs, xs[1:]))
+
+
+def test_small_image_is_one_tile():
+    (t,) = tile_grid(50, 60, 128, 32)
+    assert (t.y0, t.x0, t.y1, t.x1) == (0, 0, 50, 60) and t.owns(49.9, 59.9)
+
+
+def test_box_local_paste_equals_torchvision_reference(rng):
+    masks = torch.from_numpy(rng.random((6, 28, 28)).astype(np.float32))
+    boxes = torch.tensor([[3.2, 4.7, 20.1, 17.9], [0.0, 0.0, 9.5, 30.0], [40.3, 5.0, 63.9, 12.2],
+                          [-4.0, 50.0, 8.0, 70.0], [55.0, 60.0, 80.0, 90.0], [10.0, 10.0, 10.4, 10.6]])
+    shape = (72, 64)
+    offsets, crops = mask_crops(masks, boxes, shape)
+    reference = paste_masks_in_image(masks[:, None], boxes, shape)[:, 0] > 0.5
+    for i in range(len(masks)):
+        full = np.zeros(shape, bool)
+        y0, x0 = offsets[i]
+        full[y0:y0 + crops[i].shape[0], x0:x0 + crops[i].shape[1]] = crops[i]
+        np.testing.assert_array_equal(full, reference[i].numpy(), err_msg=f"mask {i}")
+
+
+def _square_detections(specs, shape=(60, 60), candidate_nms=1.0):
+    """Candidates that are filled squares: (x0, y0, size, score)."""
+    boxes = np.array([[x, y, x + s, y + s] for x, y, s, _ in specs], np.float32)
+    scores = np.array([sc for *_, sc in specs], np.float32)
+    offsets = np.array([[y, x] for x, y, _, _ in specs])
+    crops = [np.ones((s, s), bool) for _, _, s, _ in specs]
+    return Detections(shape, boxes, scores, offsets, crops, candidate_nms=candidate_nms)
+
+
+def test_refilter_threshold_and_nms_semantics():
+    det = _square_detections([(0, 0, 10, 0.9), (1, 1, 10, 0.8), (30, 30, 8, 0.4), (45, 5, 6, 0.6)])
+    # overlap IoU of the first two squares: 81 / 119 = 0.68
+    seg = det.refilter(0.5, 0.5)
+    np.testing.assert_allclose(seg.scores, [0.9, 0.6])  # second square suppressed, 0.4 below threshold
+    assert set(np.unique(seg.labels)) == {0, 1, 2}
+    assert (seg.labels[0:10, 0:10] == 1).all() and (seg.labels[5:11, 45:51] == 2).all()
+    seg = det.refilter(0.5, 0.7)  # NMS looser than the overlap: both squares survive
+    np.testing.assert_allclose(seg.scores, [0.9, 0.8, 0.6])
+    assert (seg.labels[10, 1:11] == 2).all()  # the lower score only keeps uncontested pixels
+    assert (seg.labels[1:10, 1:10] == 1).all()
+    seg = det.refilter(0.3, 0.5)
+    np.testing.assert_allclose(seg.scores, [0.9, 0.6, 0.4])
+    assert seg.labels.max() == 3 and list(seg.ids) == [1, 2, 3]
+    assert len(det.refilter(0.95, 0.5).ids) == 0
+
+
+def test_refilter_drops_fully_covered_candidates_and_keeps_ids_consecutive():
+    det = _square_detections([(0, 0, 10, 0.9), (2, 2, 4, 0.8), (20, 20, 5, 0.7)])
+    seg = det.refilter(0.1, 0.9)
+    assert list(seg.ids) == [1, 2] and set(np.unique(seg.labels)) == {0, 1, 2}
+    np.testing.assert_allclose(seg.scores, [0.9, 0.7])
+
+
+def test_paste_labels_first_crop_wins():
+    labels = paste_labels((5, 5), np.array([[0, 0], [1, 1]]), [np.ones((3, 3), bool)] * 2, np.array([1, 0]))
+    assert labels[1, 1] == 1 and labels[0, 0] == 2 and labels[3, 3] == 1

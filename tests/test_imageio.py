@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from napari_bach.imageio import ImageReadError, bach_class_from_path, read_image, to_rgb_uint8
+
+
+def test_rgb_tiff_with_resolution_tags(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, rgb, resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    data = read_image(path)
+    np.testing.assert_array_equal(data.rgb, rgb)
+    assert data.mpp == pytest.approx(0.5)
+    assert data.notices == [] and data.tissue_class is None
+
+
+def test_screen_dpi_is_not_taken_as_pixel_size(tmp_path):
+    path = tmp_path / "x.tif"
+    tifffile.imwrite(path, np.zeros((8, 8, 3), np.uint8), resolution=(72, 72), resolutionunit="INCH")
+    assert read_image(path).mpp is None
+
+
+@pytest.mark.parametrize("name, folder, cls", [
+    ("n001.tif", "", "Normal"), ("b012.tif", "", "Benign"), ("is003.tif", "", "InSitu"),
+    ("iv100.tif", "", "Invasive"), ("slide7.tif", "Invasive", "Invasive"), ("slide7.tif", "other", None),
+])
+def test_bach_class_and_default_pixel_size(tmp_path, name, folder, cls):
+    (tmp_path / folder).mkdir(exist_ok=True)
+    path = tmp_path / folder / name
+    tifffile.imwrite(path, np.zeros((8, 8, 3), np.uint8))
+    data = read_image(path)
+    assert bach_class_from_path(path) == cls == data.tissue_class
+    assert data.mpp == (0.42 if cls else None)
+
+
+def test_grayscale_rgba_and_16bit_are_converted_with_notices(tmp_path):
+    gray = tmp_path / "g.png"
+    Image.fromarray(np.full((6, 6), 100, np.uint8)).save(gray)
+    d = read_image(gray)
+    assert d.rgb.shape == (6, 6, 3) and (d.rgb == 100).all() and "grayscale" in d.notices[0]
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 0  # fully transparent -> white
+    rgba[0, 0, 3] = 255
+    out = to_rgb_uint8(rgba, notes := [])
+    assert tuple(out[0, 0]) == (200, 0, 0) and tuple(out[1, 1]) == (255, 255, 255)
+    assert any("alpha" in n for n in notes)
+
+    deep = tmp_path / "d.tif"
+    tifffile.imwrite(deep, np.full((4, 4, 3), 65535, np.uint16))
+    d = read_image(deep)
+    assert d.rgb.dtype == np.uint8 and (d.rgb == 255).all() and "uint16" in d.notices[0]
+
+
+def test_corrupt_truncated_and_unsupported_files_raise_clear_errors(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(good)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    garbage = tmp_path / "junk.tif"
+    garbage.write_bytes(b"this is not a tiff")
+    for path in (truncated, garbage):
+        with pytest.raises(ImageReadError, match=path.name):
+            read_image(path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ImageReadError, match="unsupported file type"):
+        read_image(tmp_path / "notes.txt")
+    with pytest.raises(ImageReadError, match="no such file"):
+        read_image(tmp_path / "missing.png")

@@ -12,7 +12,7 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, FloatS
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
-from .checkpoint import DEFAULT_MODEL, load_checkpoint
+from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from .config import ModelConfig
 from .detections import Detections
 from .imageio import BACH_MPP, to_rgb_uint8
@@ -40,7 +40,10 @@ class ModelCache:
 @thread_worker
 def _segment(rgb: np.ndarray, model_path: Path, device: str, mpp: float, cache: ModelCache):
     yield "loading model"
-    model, info = cache.get(model_path, device)
+    try:
+        model, info = cache.get(model_path, device)
+    except CheckpointError as exc:  # the user's input, not a bug: reported without a traceback
+        return exc
     det = yield from iter_predict(rgb, model, mpp, tissue_trained=info.tissue_trained)
     yield "measuring"
     return det, info, hematoxylin(rgb)
@@ -99,7 +102,9 @@ class SegmentWidget(Container):
             label.native.setWordWrap(True)
         self.worker = None
         self.result: dict | None = None
+        self._closed = False
         self._cache = ModelCache()
+        self.native.destroyed.connect(self._on_closed)
         self._model.changed.connect(lambda v: setattr(self._model_file, "visible", v == FILE_CHOICE))
         self._image.changed.connect(self._on_image_changed)
         self._run.changed.connect(self.run)
@@ -139,10 +144,10 @@ class SegmentWidget(Container):
         source, placement = layer.name, {"scale": tuple(layer.scale[-2:]), "units": tuple(layer.units[-2:])}
         known = (layer.metadata or {}).get("tissue_class")
         mpp = float(self._mpp.value)
-        self.worker = _segment(rgb, path, self._device.value, mpp, self._cache, _start_thread=False)
+        self.worker = _segment(rgb, path, self._device.value, mpp, self._cache, _start_thread=False,
+                               _connect={"errored": self._on_error})
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(lambda out: self._on_done(out, source, placement, known, mpp))
-        self.worker.errored.connect(self._on_error)
         self.worker.aborted.connect(self._on_aborted)
         self.worker.finished.connect(self._on_finished)
         self._run.enabled, self._cancel.enabled = False, True
@@ -155,7 +160,15 @@ class SegmentWidget(Container):
             self._status.value = "Cancelling after the current tile…"
             self.worker.quit()
 
+    def _on_closed(self, *_) -> None:
+        """The viewer (and this dock) went away: stop the run, ignore its late signals."""
+        self._closed = True
+        if self.worker is not None:
+            self.worker.quit()
+
     def _on_progress(self, step) -> None:
+        if self._closed:
+            return
         if isinstance(step, str):
             self._status.value = step.capitalize() + "…"
             return
@@ -164,6 +177,11 @@ class SegmentWidget(Container):
         self._status.value = step.message
 
     def _on_done(self, out, source: str, placement: dict, known: str | None, mpp: float) -> None:
+        if self._closed:
+            return
+        if isinstance(out, Exception):
+            self._on_error(out)
+            return
         det, info, hema = out
         self.result = {"det": det, "info": info, "hema": hema, "source": source, "placement": placement,
                        "known": known, "mpp": mpp}
@@ -176,15 +194,20 @@ class SegmentWidget(Container):
         self._viewer.scale_bar.visible = True
 
     def _on_error(self, exc: Exception) -> None:
+        if self._closed:
+            return
         self._status.value = f"Failed: {exc}"
         show_error(f"napari-bach: {exc}")
 
     def _on_aborted(self) -> None:
+        if self._closed:
+            return
         self._status.value = "Cancelled; earlier results are kept."
 
     def _on_finished(self) -> None:
-        self._run.enabled, self._cancel.enabled = True, False
         self.worker = None
+        if not self._closed:
+            self._run.enabled, self._cancel.enabled = True, False
 
     # -- results --------------------------------------------------------------------------
     def refilter(self, *_) -> None:

@@ -1,0 +1,126 @@
+"""The plugin in a real viewer: reader, sample, Segment nuclei widget (run, refilter,
+re-run, cancel, empty image, closed viewer, bad checkpoint)."""
+import numpy as np
+import pytest
+import tifffile
+
+from napari_bach._widget import FILE_CHOICE, SegmentWidget
+from napari_bach.synthetic import synthetic_he
+
+PLUGIN = "napari-bach"
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+def _widget(viewer, checkpoint, score=0.05):
+    w = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w._model.value = FILE_CHOICE
+    w._model_file.value = str(checkpoint)
+    w._score.value = score
+    return w
+
+
+def _run_and_wait(qtbot, w, timeout=120_000):
+    w.run()
+    assert w.worker is not None
+    with qtbot.waitSignal(w.worker.finished, timeout=timeout):
+        pass
+
+
+def _result_layers(viewer):
+    return [l for l in viewer.layers if "napari_bach" in (l.metadata or {})]
+
+
+def test_sample_data_opens_scaled_in_microns(viewer):
+    layers = viewer.open_sample(PLUGIN, "synthetic_he")
+    (layer,) = layers
+    assert layer.rgb and layer.data.dtype == np.uint8 and layer.data.shape[-1] == 3
+    assert layer.scale[-1] == pytest.approx(0.42) and str(layer.units[-1]) == "micrometer"
+
+
+def test_reader_opens_bach_file_with_class_and_rejects_corrupt_file(viewer, tmp_path):
+    rgb, _ = synthetic_he((64, 80), seed=2)
+    good = tmp_path / "iv007.tif"
+    tifffile.imwrite(good, rgb)
+    (layer,) = viewer.open(str(good), plugin=PLUGIN)
+    assert layer.metadata["tissue_class"] == "Invasive" and layer.metadata["mpp"] == 0.42
+    np.testing.assert_array_equal(layer.data, rgb)
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"II*\x00garbage")
+    assert viewer.open(str(bad), plugin=PLUGIN) == []  # an error notification, no layer, no crash
+    assert len(viewer.layers) == 1
+
+
+def test_run_shows_layers_refilters_live_and_rerun_replaces(viewer, qtbot, tiny_checkpoint):
+    rgb, _ = synthetic_he((200, 240), seed=3)
+    viewer.add_image(rgb, name="he", rgb=True, metadata={"mpp": 0.42, "tissue_class": "Benign"})
+    w = _widget(viewer, tiny_checkpoint)
+    _run_and_wait(qtbot, w)
+    labels, boxes = viewer.layers["he nuclei"], viewer.layers["he boxes"]
+    n = labels.data.max()
+    assert n > 0 and labels.data.shape == (200, 240)
+    assert len(boxes.data) == n and list(boxes.features["index"]) == list(range(1, n + 1))
+    table = labels.features
+    assert {"index", "score", "area_um2", "perimeter_um", "eccentricity", "mean_hematoxylin"} <= set(table.columns)
+    assert len(table) == n and (table["area_um2"] > 0).all()
+    assert labels.metadata["tissue_probs"] is None and "not trained" in w._tissue.value
+    assert "File name says: Benign" in w._tissue.value
+    assert "UNTRAINED" in labels.metadata["model"]
+
+    # a stricter threshold re-filters the cached detections: fewer nuclei, no new run
+    det = w.result["det"]
+    w._score.value = float(np.quantile(det.scores, 0.9))
+    assert w.worker is None and w.result["det"] is det
+    assert 0 < viewer.layers["he nuclei"].data.max() < n
+    assert len(viewer.layers["he boxes"].data) == viewer.layers["he nuclei"].data.max()
+
+    _run_and_wait(qtbot, w)
+    assert [l.name for l in viewer.layers] == ["he", "he nuclei", "he boxes"]  # replaced, not stacked
+
+
+def test_cancel_stops_between_tiles_and_keeps_the_viewer_usable(viewer, qtbot, tiny_checkpoint):
+    rgb, _ = synthetic_he((900, 900), seed=4)  # 64 tiles of 128 px for the tiny model
+    viewer.add_image(rgb, name="big", rgb=True)
+    w = _widget(viewer, tiny_checkpoint)
+    w.run()
+    with qtbot.waitSignal(w.worker.finished, timeout=120_000):
+        qtbot.waitUntil(lambda: w._progress.value >= 1, timeout=60_000)
+        w.cancel()
+    assert "Cancelled" in w._status.value
+    assert _result_layers(viewer) == [] and w._run.enabled and not w._cancel.enabled
+
+
+def test_blank_image_gives_empty_layers_without_errors(viewer, qtbot, tiny_checkpoint):
+    viewer.add_image(np.full((100, 120, 3), 250, np.uint8), name="glass", rgb=True)
+    w = _widget(viewer, tiny_checkpoint)
+    _run_and_wait(qtbot, w)
+    assert viewer.layers["glass nuclei"].data.max() == 0 and len(viewer.layers["glass boxes"].data) == 0
+    assert w._status.value.startswith("0 nuclei")
+
+
+def test_bad_checkpoint_reports_instead_of_crashing(viewer, qtbot, tmp_path):
+    viewer.add_image(np.zeros((50, 50, 3), np.uint8), name="img", rgb=True)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    w = _widget(viewer, bad)
+    _run_and_wait(qtbot, w)
+    assert "Failed" in w._status.value and "not a PyTorch checkpoint" in w._status.value
+    assert _result_layers(viewer) == []
+    w._model_file.value = str(tmp_path / "nowhere.pt")
+    w.run()
+    assert w.worker is None and "not found" in w._status.value
+
+
+def test_closing_the_viewer_during_a_run_is_harmless(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_he((600, 600), seed=5)[0], name="he", rgb=True)
+    w = _widget(viewer, tiny_checkpoint)
+    w.run()
+    worker = w.worker
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        viewer.close()
+    assert w._closed

@@ -68,9 +68,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    """The held-out split of the same sources and seed as training (or every image)."""
+    from .datasets import load_bach, stratified_split
     from .evaluate import evaluate_main
 
-    return evaluate_main(args)
+    train, val, _ = _load_nuclei(args)
+    nuclei = train + val if args.all else val
+    tissue = []
+    if args.bach:
+        bach_train, bach_val = stratified_split(load_bach(args.bach), args.val_fraction, args.seed, args.folds, args.fold)
+        tissue = bach_train + bach_val if args.all else bach_val
+    return evaluate_main(args, nuclei, tissue)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,111 @@
+"""Evaluate a checkpoint: nucleus metrics on held-out images, tissue-class metrics on
+held-out BACH images, and the plots (loss/validation curves, confusion matrix, ROC)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from napari_bach.checkpoint import load_checkpoint
+from napari_bach.predict import predict
+
+from .datasets import Sample
+from .metrics import nucleus_metrics, pooled_nucleus_metrics, roc_curve, tissue_metrics
+
+
+def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),
+             score_threshold: float | None = None, nms_iou: float | None = None) -> dict:
+    """Metrics of one model; nucleus images are segmented whole, at their own µm/px."""
+    model, info = load_checkpoint(model_path)
+    cfg = model.config
+    score = cfg.default_score_threshold if score_threshold is None else score_threshold
+    nms = cfg.default_nms_iou if nms_iou is None else nms_iou
+    result = {"model": str(model_path), "model_status": info.status, "score_threshold": score, "nms_iou": nms}
+    per_image = []
+    for s in nuclei:
+        seg = predict(s.image, model, s.mpp, tissue_trained=False).refilter(score, nms)
+        m = nucleus_metrics(s.labels, seg.labels)
+        per_image.append({"image": s.name, **m})
+    if per_image:
+        result["nuclei"] = pooled_nucleus_metrics(per_image)
+        result["nuclei_per_image"] = per_image
+    if tissue:
+        if not info.tissue_trained:
+            result["tissue"] = "not trained: this checkpoint's tissue head never saw tissue labels"
+        else:
+            probs = np.stack([predict(s.image, model, s.mpp).tissue_probs for s in tissue])
+            result["tissue"] = tissue_metrics(np.array([s.tissue for s in tissue]), probs, cfg.tissue_classes)
+            result["tissue"]["probs"] = probs.tolist()
+            result["tissue"]["truth"] = [s.tissue for s in tissue]
+    return result
+
+
+def save_plots(result: dict, out: Path, log_csv: Path | None = None) -> list[Path]:
+    """Loss and validation curves from a run folder, confusion matrix and ROC curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if log_csv is not None and Path(log_csv).exists():
+        with open(log_csv) as fh:
+            rows = list(csv.DictReader(fh))
+        steps = np.array([float(r["step"]) for r in rows])
+        loss = np.array([float(r["loss"]) for r in rows])
+        k = max(1, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        ax[0].plot(steps, loss, alpha=0.3, label="loss per step")
+        ax[0].plot(steps[k - 1:], smooth, label=f"mean of {k}")
+        ax[0].set(xlabel="step", ylabel="training loss", yscale="log")
+        ax[0].legend()
+        val_path = Path(log_csv).with_name("val.jsonl")
+        if val_path.exists():
+            val = [json.loads(l) for l in val_path.read_text().splitlines() if l.strip()]
+            for key in ("f1", "aji", "pq", "dice"):
+                ax[1].plot([v["step"] for v in val], [v[key] for v in val], marker="o", label=key)
+            ax[1].set(xlabel="step", ylabel="validation", ylim=(0, 1))
+            ax[1].legend()
+        fig.tight_layout()
+        written.append(out / "curves.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    tissue = result.get("tissue")
+    if isinstance(tissue, dict):
+        classes = tissue["classes"]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        cm = np.array(tissue["confusion"])
+        ax[0].imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax[0].text(j, i, str(v), ha="center", va="center")
+        ax[0].set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+                  xlabel="predicted", ylabel="true", title=f"accuracy {tissue['accuracy']:.2f}")
+        probs, truth = np.array(tissue["probs"]), np.array(tissue["truth"])
+        for i, c in enumerate(classes):
+            fpr, tpr = roc_curve(truth == i, probs[:, i])
+            ax[1].plot(fpr, tpr, label=f"{c} AUC {tissue['per_class'][c]['roc_auc']:.2f}")
+        ax[1].plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax[1].set(xlabel="false positive rate", ylabel="true positive rate")
+        ax[1].legend()
+        fig.tight_layout()
+        written.append(out / "tissue.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
+    result = evaluate(args.model, nuclei, tissue)
+    summary = {k: v for k, v in result.items() if k != "nuclei_per_image"}
+    if isinstance(summary.get("tissue"), dict):
+        summary["tissue"] = {k: v for k, v in summary["tissue"].items() if k not in ("probs", "truth")}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        summary["plots"] = [str(p) for p in save_plots(result, out, args.log)]
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,151 @@
+"""src_train on tiny synthetic data: readers, augmentation, steps, resume, metrics."""
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from napari_bach.synthetic import synthetic_he
+from src_train.augment import AugmentConfig, augment
+from src_train.datasets import (Sample, instances_from_labels, load_bach, load_monuseg, read_aperio_xml, read_mask,
+                                rescale_sample, stratified_split)
+from src_train.metrics import nucleus_metrics, roc_auc, tissue_metrics
+from src_train.train import Trainer, TrainConfig
+
+XML = """<Annotations MicronsPerPixel="0.252700"><Annotation><Regions>
+<Region Id="1"><Vertices><Vertex X="2" Y="3"/><Vertex X="10" Y="3"/><Vertex X="10" Y="9"/><Vertex X="2" Y="9"/></Vertices></Region>
+<Region Id="2"><Vertices><Vertex X="20" Y="20"/><Vertex X="28" Y="20"/><Vertex X="24" Y="28"/></Vertices></Region>
+</Regions></Annotation></Annotations>"""
+
+
+def test_aperio_xml_polygons_become_instances(tmp_path):
+    (tmp_path / "a.xml").write_text(XML)
+    labels, mpp = read_aperio_xml(tmp_path / "a.xml", (32, 32))
+    assert mpp == pytest.approx(0.2527) and labels.max() == 2
+    assert (labels[4:9, 3:10] == 1).all() and labels[24, 24] == 2 and labels[0, 0] == 0
+
+
+def test_monuseg_layout_prefers_polygons_and_splits_binary_masks(tmp_path):
+    for d in ("images", "annotations", "masks"):
+        (tmp_path / d).mkdir()
+    img = np.full((32, 32, 3), 200, np.uint8)
+    tifffile.imwrite(tmp_path / "images/A.tif", img)
+    tifffile.imwrite(tmp_path / "images/B.tif", img)
+    (tmp_path / "annotations/A.xml").write_text(XML)
+    yy, xx = np.mgrid[:32, :32]
+    two_touching = ((yy - 16) ** 2 + (xx - 9) ** 2 < 36) | ((yy - 16) ** 2 + (xx - 20) ** 2 < 36)
+    Image.fromarray((two_touching * 255).astype(np.uint8)).save(tmp_path / "masks/B.png")
+    a, b = load_monuseg(tmp_path)
+    assert (a.name, a.exact, a.labels.max(), a.mpp) == ("A", True, 2, pytest.approx(0.2527))
+    assert b.exact is False and b.labels.max() == 2  # the touching discs are split
+    assert set(np.unique(b.labels[16, 4:15])) == {1} or set(np.unique(b.labels[16, 4:15])) == {2}
+
+
+def test_instance_mask_ids_are_kept(tmp_path):
+    m = np.zeros((10, 10), np.uint16)
+    m[1:3, 1:3], m[5:8, 5:8], m[0, 9] = 3, 7, 9
+    Image.fromarray(m).save(tmp_path / "m.png")
+    assert set(np.unique(read_mask(tmp_path / "m.png"))) == {0, 3, 7, 9}
+
+
+def test_bach_folders_and_stratified_seeded_split(tmp_path):
+    for cls, prefix in (("Normal", "n"), ("Benign", "b"), ("InSitu", "is"), ("Invasive", "iv")):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            tifffile.imwrite(tmp_path / cls / f"{prefix}{i:03d}.tif", np.full((8, 8, 3), i, np.uint8))
+    samples = load_bach(tmp_path)
+    assert len(samples) == 20 and {s.tissue for s in samples} == {0, 1, 2, 3}
+    assert all(s.labels is None and s.mpp == 0.42 for s in samples)
+    train, val = stratified_split(samples, 0.2, seed=1)
+    assert sorted(s.tissue for s in val) == [0, 1, 2, 3] and len(train) == 16
+    assert not {s.name for s in train} & {s.name for s in val}
+    assert [s.name for s in stratified_split(samples, 0.2, seed=1)[1]] == [s.name for s in val]
+    folds = [stratified_split(samples, folds=5, fold=k, seed=1)[1] for k in range(5)]
+    names = [s.name for f in folds for s in f]
+    assert len(names) == 20 and len(set(names)) == 20  # every image held out exactly once
+
+
+def test_rescale_keeps_instances():
+    rgb, labels = synthetic_he((200, 200), mpp=0.25, seed=0)
+    s = rescale_sample(Sample(rgb, labels, 0.25), 0.5)
+    assert s.image.shape == (100, 100, 3) and s.labels.shape == (100, 100) and s.mpp == 0.5
+    assert len(np.unique(s.labels)) > 0.8 * len(np.unique(labels))
+
+
+def test_augmentation_keeps_image_masks_and_boxes_aligned():
+    rgb, labels = synthetic_he((300, 300), mpp=0.4, seed=2)
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        img, lab = augment(rgb, labels, rng, AugmentConfig(crop=160))
+        dark = img.astype(int).sum(-1) < 450  # hematoxylin-dark pixels
+        inside = dark[lab > 0].mean()
+        outside = dark[lab == 0].mean()
+        shifted = dark[np.roll(lab, 5, axis=1) > 0].mean()  # a 5-pixel misalignment, for contrast
+        assert inside > 0.6 and outside < 0.02 and shifted < inside - 0.2, (inside, outside, shifted)
+        boxes, masks, ids = instances_from_labels(lab)
+        for (x0, y0, x1, y1), m in zip(boxes.astype(int), masks):
+            ys, xs = np.nonzero(m)
+            assert (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1) == (y0, x0, y1, x1)
+
+
+def _synthetic_samples(n, size=192, seed=0):
+    return [Sample(*synthetic_he((size, size), mpp=0.4, seed=seed + i), mpp=0.4, name=f"s{i}") for i in range(n)]
+
+
+def _trainer(tmp_path, **kw):
+    cfg = TrainConfig(out=str(tmp_path), max_steps=kw.pop("max_steps", 40), warmup_steps=5, checkpoint_every=1000,
+                      val_every=1000, seed=3, **kw)
+    cfg.augment = AugmentConfig(crop=128)
+    return Trainer(tiny_config(), cfg, _synthetic_samples(3), [])
+
+
+def test_a_few_training_steps_lower_the_loss(tmp_path):
+    torch.manual_seed(0)
+    t = _trainer(tmp_path)
+    losses = [t.train_step()["loss"] for _ in range(40)]
+    assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:4])
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    t = _trainer(tmp_path / "a", max_steps=6)
+    for _ in range(3):
+        t.train_step()
+    t.save("last.pt")
+    expected = [t.train_step()["loss"] for _ in range(3)]
+    resumed = _trainer(tmp_path / "b", max_steps=6)
+    resumed.resume(tmp_path / "a" / "last.pt")
+    assert resumed.step == 3
+    got = [resumed.train_step()["loss"] for _ in range(3)]
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert resumed.step == 6
+
+
+def test_nucleus_metrics_match_hand_computation():
+    gt = np.zeros((10, 10), int)
+    pred = np.zeros((10, 10), int)
+    gt[0:4, 0:4] = 1          # 16 px
+    gt[6:10, 6:10] = 2        # 16 px, missed
+    pred[0:4, 1:5] = 5        # 16 px, overlaps gt 1 by 12: IoU 12/20 = 0.6
+    pred[6:8, 0:2] = 9        # 4 px, false positive
+    m = nucleus_metrics(gt, pred)
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 1, 1)
+    assert m["precision"] == 0.5 and m["recall"] == 0.5 and m["f1"] == 0.5
+    assert m["pq"] == pytest.approx(0.6 / (1 + 0.5 + 0.5))
+    # AJI: C = 12; U = 20 (pair) + 16 (missed gt 2) + 4 (unused pred 9) = 40
+    assert m["aji"] == pytest.approx(12 / 40)
+    assert m["dice"] == pytest.approx(2 * 12 / (32 + 20))
+    perfect = nucleus_metrics(gt, gt * 3)
+    assert perfect["f1"] == perfect["aji"] == perfect["pq"] == perfect["dice"] == 1.0
+
+
+def test_tissue_metrics_match_hand_computation():
+    classes = ("Normal", "Benign", "InSitu", "Invasive")
+    truth = np.array([0, 0, 1, 2, 3, 3])
+    probs = np.eye(4)[[0, 1, 1, 2, 3, 0]] * 0.7 + 0.075
+    m = tissue_metrics(truth, probs, classes)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion"] == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]
+    assert m["per_class"]["Benign"]["precision"] == 0.5 and m["per_class"]["Benign"]["recall"] == 1.0
+    assert m["per_class"]["Invasive"]["f1"] == pytest.approx(2 / 3)
+    assert roc_auc(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.4, 0.4])) == pytest.approx((3 + 0.5) / 4)  # pairs: 0.9>0.1, 0.9>0.4, 0.4>0.1, 0.4=0.4

@@ -1,0 +1,93 @@
+"""Benchmark: whole-image segmentation on CPU for a BACH-sized image (2048×1536, 0.42 µm/px).
+
+Prints, per model: segment time, peak RSS, candidates, and refilter latency (median of 20)
+for the model's own candidates and for exactly 2000 candidates. Each model runs in its own
+process so peak RSS is its own.
+
+    python bench/segment.py                 # shipped default (R18) and an R50 with paper heads
+    python bench/segment.py --image x.tif   # a real image instead of the synthetic one
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def one(model: str, image: str | None, threads: int) -> dict:
+    import torch
+
+    from napari_bach.checkpoint import DEFAULT_MODEL, load_checkpoint
+    from napari_bach.config import ModelConfig
+    from napari_bach.imageio import read_image
+    from napari_bach.model import build_model
+    from napari_bach.predict import predict
+    from napari_bach.synthetic import synthetic_he
+
+    torch.set_num_threads(threads)
+    if image:
+        data = read_image(image)
+        rgb, mpp = data.rgb, data.mpp or 0.42
+    else:
+        rgb, mpp = synthetic_he((1536, 2048), mpp=0.42, seed=0)[0], 0.42
+    if model == "default":
+        net, info = load_checkpoint(DEFAULT_MODEL)
+        label = f"{net.config.backbone} shipped default ({info.status})"
+    else:
+        torch.manual_seed(0)
+        net = build_model(ModelConfig.preset(model)).eval()
+        label = f"{model} paper heads, untrained weights (worst case: every tile fills its candidate cap)"
+    t0 = time.perf_counter()
+    det = predict(rgb, net, mpp)
+    seconds = time.perf_counter() - t0
+    cfg = net.config
+
+    def latency(d) -> float:
+        runs = []
+        for _ in range(20):
+            t = time.perf_counter()
+            d.refilter(cfg.default_score_threshold, cfg.default_nms_iou)
+            runs.append(time.perf_counter() - t)
+        return statistics.median(runs) * 1000
+
+    out = {"model": label, "image": image or "synthetic H&E 2048x1536", "tiles": det.meta["tiles"],
+           "segment_s": round(seconds, 1), "candidates": len(det),
+           "nuclei_at_defaults": len(det.refilter(cfg.default_score_threshold, cfg.default_nms_iou).ids),
+           "refilter_ms": round(latency(det), 1)}
+    if len(det) >= 2000:
+        idx = np.argsort(-det.scores)[:2000]
+        from napari_bach.detections import Detections
+
+        sub = Detections(det.image_shape, det.boxes[idx], det.scores[idx], det.offsets[idx],
+                         [det.crops[i] for i in idx], candidate_nms=det.candidate_nms)
+        out["refilter_2000_ms"] = round(latency(sub), 1)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["default", "resnet50"])
+    parser.add_argument("--image", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.image, args.threads)))
+        return
+    for model in args.models:
+        cmd = [sys.executable, __file__, "--one", model, "--threads", str(args.threads)]
+        if args.image:
+            cmd += ["--image", args.image]
+        result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Export format: round trip into src_train, COCO RLE, refusal to clobber, invalid labels."""
+import json
+
+import numpy as np
+import pytest
+
+from napari_bach.export import SampleExistsError, export_sample, list_samples, read_sample, rle_in_box
+from napari_bach.synthetic import synthetic_he
+from src_train.datasets import instances_from_labels, load_exported
+
+
+def decode_rle(counts, shape):
+    flat = np.zeros(shape[0] * shape[1], bool)
+    pos, value = 0, False
+    for c in counts:
+        flat[pos:pos + c] = value
+        pos, value = pos + c, not value
+    return flat.reshape(shape[1], shape[0]).T  # column-major
+
+
+def test_rle_matches_full_image_mask():
+    mask = np.zeros((12, 9), bool)
+    mask[3:7, 2:5] = True
+    mask[5, 6] = True
+    counts = rle_in_box(mask[3:7, 2:7], 3, 2, mask.shape)
+    assert sum(counts) == mask.size
+    np.testing.assert_array_equal(decode_rle(counts, mask.shape), mask)
+
+
+def test_export_round_trip_into_src_train(tmp_path):
+    rgb, labels = synthetic_he((120, 140), seed=9)
+    labels[labels == 5] = 0  # an edit: a deleted nucleus leaves a gap in the ids
+    export_sample(tmp_path, "is001", rgb, labels, 0.42, "InSitu", {"model": "m", "score_threshold": 0.5})
+    export_sample(tmp_path, "b002", rgb[:60], labels[:60], 0.42, None)
+    (sample,) = [s for s in load_exported(tmp_path) if s.name == "is001"]
+    np.testing.assert_array_equal(sample.image, rgb)
+    np.testing.assert_array_equal(sample.labels, labels)
+    assert sample.tissue == 2 and sample.mpp == 0.42
+    boxes, _, ids = instances_from_labels(sample.labels)
+    assert len(ids) == len(np.unique(labels)) - 1
+    coco = json.loads((tmp_path / "is001" / "annotations.json").read_text())
+    assert len(coco["annotations"]) == len(ids) and coco["images"][0]["tissue_class"] == "InSitu"
+    for ann in coco["annotations"]:
+        mask = decode_rle(ann["segmentation"]["counts"], labels.shape)
+        np.testing.assert_array_equal(mask, labels == ann["label"])
+        assert ann["area"] == mask.sum()
+    assert [p.name for p in list_samples(tmp_path)] == ["is001", "b002"]
+    assert read_sample(tmp_path / "is001")["meta"]["model"] == "m"
+
+
+def test_export_refuses_to_clobber_and_can_version(tmp_path):
+    rgb, labels = synthetic_he((50, 50), seed=1)
+    first = export_sample(tmp_path, "a", rgb, labels, 0.42)
+    before = (first / "labels.tif").read_bytes()
+    with pytest.raises(SampleExistsError):
+        export_sample(tmp_path, "a", rgb, np.zeros_like(labels), 0.42)
+    assert (first / "labels.tif").read_bytes() == before
+    assert export_sample(tmp_path, "a", rgb, labels, 0.42, on_exists="version").name == "a_v2"
+    assert len(list_samples(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (np.zeros((49, 50), np.int32), "does not match"),
+    (np.full((50, 50), -1, np.int32), "negative"),
+    (np.zeros((50, 50), np.float32), "integers"),
+])
+def test_invalid_labels_write_nothing(tmp_path, bad, reason):
+    rgb, _ = synthetic_he((50, 50), seed=1)
+    with pytest.raises(ValueError, match=reason):
+        export_sample(tmp_path / "ds", "x", rgb, bad, 0.42)
+    assert not (tmp_path / "ds").exists()  # validated before anything is created

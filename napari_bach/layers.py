@@ -28,10 +28,13 @@ def result_layers(seg: Segmentation, source: str, placement: dict, features: dic
         "name": f"{source} nuclei", **placement, "features": table, "opacity": 0.5,
         "metadata": {**meta, ROLE_KEY: {"role": "nuclei", "source": source}},
     }, "labels")
-    boxes = (box_corners(seg.boxes), {
-        "name": f"{source} boxes", **placement, "shape_type": "rectangle",
+    # (corners, type) pairs: assigning bare arrays to an existing layer makes polygons
+    rectangles = [(c, "rectangle") for c in box_corners(seg.boxes)]
+    boxes = (rectangles, {
+        "name": f"{source} boxes", **placement,
         "features": {"index": seg.ids, "score": seg.scores}, "edge_color": "yellow",
         "face_color": "transparent", "edge_width": 1.0, "visible": len(seg.ids) <= 3000,
+        "text": {"string": "{score:.2f}", "size": 8, "color": "yellow", "visible": False},
         "metadata": {ROLE_KEY: {"role": "boxes", "source": source}},
     }, "shapes")
     return [labels, boxes]

@@ -77,6 +77,7 @@ def test_run_shows_layers_refilters_live_and_rerun_replaces(viewer, qtbot, tiny_
     assert w.worker is None and w.result["det"] is det
     assert 0 < viewer.layers["he nuclei"].data.max() < n
     assert len(viewer.layers["he boxes"].data) == viewer.layers["he nuclei"].data.max()
+    assert set(viewer.layers["he boxes"].shape_type) == {"rectangle"}
 
     _run_and_wait(qtbot, w)
     assert [l.name for l in viewer.layers] == ["he", "he nuclei", "he boxes"]  # replaced, not stacked

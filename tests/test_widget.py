@@ -25,10 +25,11 @@ def _widget(viewer, checkpoint, score=0.05):
 
 
 def _run_and_wait(qtbot, w, timeout=120_000):
+    """Start a run and wait for the widget's own finished handler (connected before the
+    worker starts, so a run that ends at once cannot be missed)."""
     w.run()
     assert w.worker is not None
-    with qtbot.waitSignal(w.worker.finished, timeout=timeout):
-        pass
+    qtbot.waitUntil(lambda: w.worker is None, timeout=timeout)
 
 
 def _result_layers(viewer):
@@ -88,9 +89,9 @@ def test_cancel_stops_between_tiles_and_keeps_the_viewer_usable(viewer, qtbot, t
     viewer.add_image(rgb, name="big", rgb=True)
     w = _widget(viewer, tiny_checkpoint)
     w.run()
-    with qtbot.waitSignal(w.worker.finished, timeout=120_000):
-        qtbot.waitUntil(lambda: w._progress.value >= 1, timeout=60_000)
-        w.cancel()
+    qtbot.waitUntil(lambda: w._progress.value >= 1, timeout=60_000)
+    w.cancel()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
     assert "Cancelled" in w._status.value
     assert _result_layers(viewer) == [] and w._run.enabled and not w._cancel.enabled
 

@@ -24,6 +24,24 @@ DEFAULT_CHOICE = "Default (shipped)"
 FILE_CHOICE = "Checkpoint file…"
 
 
+class ModelPicker(Container):
+    """The shipped default model or a checkpoint file; shared by the plugin's widgets."""
+
+    def __init__(self) -> None:
+        self.choice = ComboBox(label="Model", choices=[DEFAULT_CHOICE, FILE_CHOICE], value=DEFAULT_CHOICE)
+        self.file = FileEdit(label="Checkpoint", filter="*.pt", visible=False)
+        super().__init__(widgets=[self.choice, self.file], labels=True)
+        self.margins = (0, 0, 0, 0)
+        self.choice.changed.connect(lambda v: setattr(self.file, "visible", v == FILE_CHOICE))
+
+    def use_file(self, path) -> None:
+        self.choice.value = FILE_CHOICE
+        self.file.value = str(path)
+
+    def path(self) -> Path:
+        return DEFAULT_MODEL if self.choice.value == DEFAULT_CHOICE else Path(self.file.value)
+
+
 class ModelCache:
     """Loaded models by (path, device): loading takes longer than a small image's run."""
 
@@ -84,8 +102,7 @@ class SegmentWidget(Container):
         self._viewer = viewer
         cfg = ModelConfig()
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
-        self._model = ComboBox(label="Model", choices=[DEFAULT_CHOICE, FILE_CHOICE], value=DEFAULT_CHOICE)
-        self._model_file = FileEdit(label="Checkpoint", filter="*.pt", visible=False)
+        self.model = ModelPicker()
         self._device = ComboBox(label="Device", choices=available_devices(), value="cpu")
         self._mpp = FloatSpinBox(label="µm/px", min=0.05, max=5.0, step=0.01, value=BACH_MPP)
         self._score = FloatSlider(label="Score threshold", min=cfg.candidate_score, max=1.0, step=0.01,
@@ -96,7 +113,7 @@ class SegmentWidget(Container):
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self._status = Label(label="Status", value="")
         self._tissue = Label(label="Result", value="")
-        self.extend([self._image, self._model, self._model_file, self._device, self._mpp, self._score, self._nms,
+        self.extend([self._image, self.model, self._device, self._mpp, self._score, self._nms,
                      self._run, self._cancel, self._progress, self._status, self._tissue])
         for label in (self._status, self._tissue):
             label.native.setWordWrap(True)
@@ -105,7 +122,6 @@ class SegmentWidget(Container):
         self._closed = False
         self._cache = ModelCache()
         self.native.destroyed.connect(self._on_closed)
-        self._model.changed.connect(lambda v: setattr(self._model_file, "visible", v == FILE_CHOICE))
         self._image.changed.connect(self._on_image_changed)
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
@@ -115,11 +131,8 @@ class SegmentWidget(Container):
         self._show_model_status()
 
     # -- parameters -----------------------------------------------------------------------
-    def model_path(self) -> Path:
-        return DEFAULT_MODEL if self._model.value == DEFAULT_CHOICE else Path(self._model_file.value)
-
     def _show_model_status(self) -> None:
-        if self._model.value == DEFAULT_CHOICE and not DEFAULT_MODEL.exists():
+        if self.model.choice.value == DEFAULT_CHOICE and not DEFAULT_MODEL.exists():
             self._status.value = "No default model is shipped in this install: choose a checkpoint file."
 
     def _on_image_changed(self, layer) -> None:
@@ -132,7 +145,7 @@ class SegmentWidget(Container):
         if layer is None:
             self._status.value = "Open an image first (File > Open, or File > Open Sample > napari-bach)."
             return
-        path = self.model_path()
+        path = self.model.path()
         if not path.is_file():
             self._status.value = f"Model file not found: {path}"
             return

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_bach._widget import FILE_CHOICE, SegmentWidget
+from napari_bach._widget import SegmentWidget
 from napari_bach.synthetic import synthetic_he
 
 PLUGIN = "napari-bach"
@@ -18,8 +18,7 @@ def viewer(make_napari_viewer):
 def _widget(viewer, checkpoint, score=0.05):
     w = SegmentWidget(viewer)
     viewer.window.add_dock_widget(w)
-    w._model.value = FILE_CHOICE
-    w._model_file.value = str(checkpoint)
+    w.model.use_file(checkpoint)
     w._score.value = score
     return w
 
@@ -112,7 +111,7 @@ def test_bad_checkpoint_reports_instead_of_crashing(viewer, qtbot, tmp_path):
     _run_and_wait(qtbot, w)
     assert "Failed" in w._status.value and "not a PyTorch checkpoint" in w._status.value
     assert _result_layers(viewer) == []
-    w._model_file.value = str(tmp_path / "nowhere.pt")
+    w.model.use_file(tmp_path / "nowhere.pt")
     w.run()
     assert w.worker is None and "not found" in w._status.value
 

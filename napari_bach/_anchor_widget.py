@@ -1,0 +1,204 @@
+"""The "RPN anchors & proposals" dock widget: see what the detector's first stage sees.
+
+Anchors are computed in the Qt-free core (:mod:`napari_bach.anchors`) with the model's
+own torchvision anchor generator and matcher; proposals run the backbone and RPN in a
+worker thread with progress and cancel.
+"""
+from __future__ import annotations
+
+import numpy as np
+from magicgui.widgets import (ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, Select,
+                              SpinBox, create_widget)
+from napari.qt.threading import thread_worker
+
+from .anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, anchors_in_region, iter_proposals, make_generator
+from .checkpoint import CheckpointError
+from .layers import box_corners
+from ._widget import ModelCache, ModelPicker, layer_mpp, layer_rgb
+
+VIEW, SHAPES = "Current view", "Boxes in a Shapes layer"
+LABEL_COLOURS = {POSITIVE: "lime", NEGATIVE: "red", IGNORED: "gray"}
+LEVEL_COLOURS = ("cyan", "magenta", "yellow", "orange", "white")
+
+
+def parse_sizes(text: str) -> tuple[tuple[float, ...], ...] | None:
+    """``"8,11 16,23 …"``: one comma list per FPN level; blank keeps the model's."""
+    text = text.strip()
+    return tuple(tuple(float(v) for v in level.split(",")) for level in text.split()) if text else None
+
+
+def parse_ratios(text: str) -> tuple[float, ...] | None:
+    text = text.strip()
+    return tuple(float(v) for v in text.replace(",", " ").split()) if text else None
+
+
+def visible_region(viewer, layer) -> tuple[float, float, float, float]:
+    """x0 y0 x1 y1 in the layer's pixels of what the canvas shows, clipped to the image."""
+    h, w = np.asarray(viewer.canvas.size, float) / viewer.camera.zoom
+    cy, cx = viewer.camera.center[-2:]
+    (y0, x0), (y1, x1) = (layer.world_to_data((cy - h / 2, cx - w / 2))[-2:],
+                          layer.world_to_data((cy + h / 2, cx + w / 2))[-2:])
+    ih, iw = layer.data.shape[:2]
+    return max(0.0, x0), max(0.0, y0), min(float(iw), x1), min(float(ih), y1)
+
+
+def label_boxes(layer) -> np.ndarray:
+    """Boxes (x0 y0 x1 y1, exclusive ends) of every object in a Labels layer."""
+    from scipy import ndimage
+
+    data = np.asarray(layer.data)
+    return np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop)
+                     for s in ndimage.find_objects(data) if s is not None], np.float32).reshape(-1, 4)
+
+
+class AnchorWidget(Container):
+    """Anchors per FPN level, their training labels, and RPN proposals before/after NMS."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer") -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._image = create_widget(label="Image", annotation="napari.layers.Image")
+        self.model = ModelPicker()
+        self._levels = Select(label="FPN levels", choices=LEVELS, value=["P2", "P3"])
+        self._sizes = LineEdit(label="Anchor sizes", value="")
+        self._sizes.native.setPlaceholderText("model's own, e.g. 8,11 16,23 32,45 64,91 128,181")
+        self._ratios = LineEdit(label="Aspect ratios", value="")
+        self._ratios.native.setPlaceholderText("model's own, e.g. 0.5 1 2")
+        self._region = ComboBox(label="Region", choices=[VIEW, SHAPES], value=VIEW)
+        self._region_layer = create_widget(label="Region boxes", annotation="napari.layers.Shapes", options={"nullable": True})
+        self._nuclei = create_widget(label="Nuclei", annotation="napari.layers.Labels", options={"nullable": True})
+        self._fg = FloatSpinBox(label="Positive IoU >", min=0.0, max=1.0, step=0.05, value=0.7)
+        self._bg = FloatSpinBox(label="Negative IoU <", min=0.0, max=1.0, step=0.05, value=0.3)
+        self._cap = SpinBox(label="Draw at most", min=100, max=100_000, step=500, value=5000)
+        self._show_anchors = PushButton(text="Show anchors")
+        self._k = SpinBox(label="Top-k proposals", min=1, max=5000, value=200)
+        self._nms = FloatSpinBox(label="Proposal NMS IoU", min=0.05, max=1.0, step=0.05, value=0.7)
+        self._show_proposals = PushButton(text="Show proposals")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
+        self._status = Label(label="Status", value="")
+        self._status.native.setWordWrap(True)
+        self.extend([self._image, self.model, self._levels, self._sizes, self._ratios, self._region,
+                     self._region_layer, self._nuclei, self._fg, self._bg, self._cap, self._show_anchors, self._k,
+                     self._nms, self._show_proposals, self._cancel, self._progress, self._status])
+        self.worker = None
+        self._cache = ModelCache()
+        self._show_anchors.changed.connect(self.show_anchors)
+        self._show_proposals.changed.connect(self.show_proposals)
+        self._cancel.changed.connect(lambda: self.worker is not None and self.worker.quit())
+
+    def _regions(self, layer) -> list[tuple[float, float, float, float]]:
+        if self._region.value == VIEW:
+            return [visible_region(self._viewer, layer)]
+        shapes = self._region_layer.value
+        if shapes is None or len(shapes.data) == 0:
+            raise ValueError("draw a box in a Shapes layer and choose it as 'Region boxes'")
+        out = []
+        for s in shapes.data:
+            pts = np.array([layer.world_to_data(shapes.data_to_world(p))[-2:] for p in s])
+            (y0, x0), (y1, x1) = pts.min(0), pts.max(0)
+            out.append((x0, y0, x1, y1))
+        return out
+
+    def _put(self, name: str, data, **kwargs) -> None:
+        if name in self._viewer.layers:
+            self._viewer.layers.remove(name)
+        self._viewer.add_shapes(data, name=name, face_color="transparent", **kwargs)
+
+    def show_anchors(self) -> None:
+        layer = self._image.value
+        if layer is None:
+            self._status.value = "Open an image first."
+            return
+        try:
+            model, _ = self._cache.get(self.model.path(), "cpu")
+            cfg = model.config
+            generator = make_generator(parse_sizes(self._sizes.value) or cfg.anchor_sizes,
+                                       parse_ratios(self._ratios.value) or cfg.aspect_ratios)
+            regions = self._regions(layer)
+        except (CheckpointError, ValueError, OSError) as exc:
+            self._status.value = f"Failed: {exc}"
+            return
+        levels = [LEVELS.index(v) for v in self._levels.value] or [0]
+        nuclei = self._nuclei.value
+        gt = label_boxes(nuclei) if nuclei is not None else None
+        factor = layer_mpp(layer) / cfg.mpp
+        boxes, colours, feats, counts, capped = [], [], {"level": [], "label": []}, {}, False
+        per_region_cap = max(1, int(self._cap.value) // len(regions))
+        for region in regions:
+            view = anchors_in_region(generator, layer.data.shape[:2], factor, region, levels, gt,
+                                     float(self._fg.value), float(self._bg.value), per_region_cap)
+            capped |= view.capped
+            for k, v in view.counts.items():
+                counts[k] = counts.get(k, 0) + v
+            boxes += box_corners(view.boxes)
+            feats["level"] += [LEVELS[i] for i in view.levels]
+            if view.labels is not None:
+                names = {POSITIVE: "positive", NEGATIVE: "negative", IGNORED: "ignored"}
+                feats["label"] += [names[int(l)] for l in view.labels]
+                colours += [LABEL_COLOURS[int(l)] for l in view.labels]
+            else:
+                feats["label"] += ["unlabelled"] * len(view.boxes)
+                colours += [LEVEL_COLOURS[i] for i in view.levels]
+        self._put("anchors", [(b, "rectangle") for b in boxes], edge_color=colours or "cyan", edge_width=0.5,
+                  features=feats, scale=layer.scale[-2:], units=layer.units[-2:])
+        text = ", ".join(f"{v} {k}" for k, v in counts.items())
+        if capped:
+            text += f"; drawing {len(boxes)} of them (every positive, then a random sample)"
+        if nuclei is None:
+            text += ". Choose a Nuclei labels layer to colour anchors by training label"
+        self._status.value = text
+
+    def show_proposals(self) -> None:
+        layer = self._image.value
+        if layer is None:
+            self._status.value = "Open an image first."
+            return
+        try:
+            region = self._regions(layer)[0]
+            rgb = layer_rgb(layer)
+        except ValueError as exc:
+            self._status.value = f"Failed: {exc}"
+            return
+        placement = {"scale": layer.scale[-2:], "units": layer.units[-2:]}
+        self.worker = _proposals(rgb, self.model.path(), layer_mpp(layer), region, int(self._k.value),
+                                 float(self._nms.value), self._cache, _start_thread=False,
+                                 _connect={"errored": self._on_error})
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(lambda out: self._on_proposals(out, placement))
+        self.worker.aborted.connect(lambda: setattr(self._status, "value", "Cancelled."))
+        self.worker.finished.connect(self._on_finished)
+        self._show_proposals.enabled, self._cancel.enabled = False, True
+        self.worker.start()
+
+    def _on_progress(self, step) -> None:
+        self._progress.max = max(step.total, 1)
+        self._progress.value = step.done
+        self._status.value = step.message
+
+    def _on_proposals(self, out, placement: dict) -> None:
+        if isinstance(out, Exception):
+            self._on_error(out)
+            return
+        before, after = out
+        for name, p, colour in (("proposals before NMS", before, "orange"), ("proposals after NMS", after, "lime")):
+            self._put(name, [(b, "rectangle") for b in box_corners(p.boxes)], edge_color=colour, edge_width=0.7,
+                      features={"objectness": p.scores}, **placement)
+        self._status.value = (f"top {len(before.boxes)} proposals before NMS, {len(after.boxes)} after NMS "
+                              f"(IoU {self._nms.value:.2f}); objectness in the layers' features")
+
+    def _on_error(self, exc: Exception) -> None:
+        self._status.value = f"Failed: {exc}"
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._show_proposals.enabled, self._cancel.enabled = True, False
+
+
+@thread_worker
+def _proposals(rgb, model_path, mpp, region, k, nms_iou, cache: ModelCache):
+    try:
+        model, _ = cache.get(model_path, "cpu")
+    except CheckpointError as exc:
+        return exc
+    return (yield from iter_proposals(rgb, model, mpp, region, k, nms_iou))

@@ -1,0 +1,166 @@
+"""RPN anchors and proposals for inspection (Qt-free).
+
+Uses the model's own torchvision pieces: ``AnchorGenerator.grid_anchors`` for the anchor
+grid, the RPN's ``Matcher`` rule for positive (IoU > fg), negative (< bg) and ignored
+anchors, and the RPN head plus box coder for proposals.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Generator
+
+import numpy as np
+import torch
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import box_iou, clip_boxes_to_image, nms
+
+from .model import BachMaskRCNN
+from .predict import Progress, _to_model_scale
+from .tiling import tile_grid
+
+LEVELS = ("P2", "P3", "P4", "P5", "P6")  # FPN outputs "0", "1", "2", "3", "pool"
+POSITIVE, NEGATIVE, IGNORED = 1, 0, -1
+
+
+def feature_sizes(height: int, width: int, divisible: int = 32) -> list[tuple[int, int]]:
+    """FPN feature-map sizes for an image, padded as the model's transform pads it."""
+    h, w = math.ceil(height / divisible) * divisible, math.ceil(width / divisible) * divisible
+    sizes = [(h // s, w // s) for s in (4, 8, 16, 32)]
+    sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))  # max_pool2d(kernel 1, stride 2)
+    return sizes
+
+
+def make_generator(sizes, ratios) -> AnchorGenerator:
+    sizes = tuple(tuple(float(s) for s in level) for level in sizes)
+    return AnchorGenerator(sizes, (tuple(float(r) for r in ratios),) * len(sizes))
+
+
+def level_anchors(generator: AnchorGenerator, height: int, width: int) -> list[torch.Tensor]:
+    """All anchors of every FPN level (x0 y0 x1 y1, model pixels), via torchvision's grid."""
+    grids = feature_sizes(height, width)
+    ph, pw = math.ceil(height / 32) * 32, math.ceil(width / 32) * 32
+    strides = [[torch.tensor(ph // g[0]), torch.tensor(pw // g[1])] for g in grids]
+    generator.set_cell_anchors(torch.float32, torch.device("cpu"))
+    return generator.grid_anchors([list(g) for g in grids], strides)
+
+
+def label_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, fg: float = 0.7, bg: float = 0.3) -> torch.Tensor:
+    """RPN training labels: 1 positive, 0 negative, -1 ignored (torchvision's Matcher,
+    including its rule that each nucleus's best anchor is positive)."""
+    if len(gt_boxes) == 0:
+        return torch.zeros(len(anchors), dtype=torch.int8)
+    matched = Matcher(fg, bg, allow_low_quality_matches=True)(box_iou(gt_boxes, anchors))
+    labels = torch.full((len(anchors),), IGNORED, dtype=torch.int8)
+    labels[matched >= 0] = POSITIVE
+    labels[matched == Matcher.BELOW_LOW_THRESHOLD] = NEGATIVE
+    return labels
+
+
+def _touching(a: torch.Tensor, b: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Which boxes of ``a`` overlap any box of ``b`` (chunked: a BACH image has ~1.6M anchors)."""
+    out = torch.zeros(len(a), dtype=torch.bool)
+    for s in range(0, len(a), chunk):
+        c = a[s:s + chunk, None]
+        out[s:s + chunk] = ((c[..., 0] < b[:, 2]) & (c[..., 2] > b[:, 0]) & (c[..., 1] < b[:, 3])
+                            & (c[..., 3] > b[:, 1])).any(1)
+    return out
+
+
+@dataclass
+class AnchorView:
+    boxes: np.ndarray  # drawn anchors, x0 y0 x1 y1 in image pixels
+    levels: np.ndarray  # index into LEVELS per drawn anchor
+    labels: np.ndarray | None  # per drawn anchor, None without nuclei
+    counts: dict = field(default_factory=dict)  # over all anchors in the region, not only drawn
+    total: int = 0
+    capped: bool = False
+
+
+def anchors_in_region(generator: AnchorGenerator, image_hw: tuple[int, int], factor: float,
+                      region: tuple[float, float, float, float], levels: list[int],
+                      gt_boxes: np.ndarray | None = None, fg: float = 0.7, bg: float = 0.3,
+                      max_drawn: int = 5000, seed: int = 0) -> AnchorView:
+    """Anchors whose centre lies in ``region`` (image px, x0 y0 x1 y1) on the chosen levels.
+
+    ``factor`` = image µm/px ÷ model µm/px. Labels use every level in the region, as the
+    RPN matches nuclei against all anchors; counts are exact, drawing is capped."""
+    h, w = (max(1, round(s * factor)) for s in image_hw)
+    x0, y0, x1, y1 = (c * factor for c in region)
+    boxes, lvl = [], []
+    for i, a in enumerate(level_anchors(generator, h, w)):
+        cx, cy = (a[:, 0] + a[:, 2]) / 2, (a[:, 1] + a[:, 3]) / 2
+        keep = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+        boxes.append(a[keep])
+        lvl.append(torch.full((int(keep.sum()),), i))
+    boxes, lvl = torch.cat(boxes), torch.cat(lvl)
+    labels = None
+    if gt_boxes is not None:
+        gt = torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4) * factor
+        labels = torch.full((len(boxes),), NEGATIVE, dtype=torch.int8)  # IoU 0 with every nucleus
+        near = _touching(boxes, gt)
+        labels[near] = label_anchors(boxes[near], gt, fg, bg)
+    chosen = torch.isin(lvl, torch.tensor(levels))
+    boxes, lvl = boxes[chosen], lvl[chosen]
+    labels = labels[chosen] if labels is not None else None
+    counts = {"anchors": len(boxes)}
+    if labels is not None:
+        counts.update(positive=int((labels == POSITIVE).sum()), negative=int((labels == NEGATIVE).sum()),
+                      ignored=int((labels == IGNORED).sum()))
+    idx = np.arange(len(boxes))
+    if len(idx) > max_drawn:  # every positive first (they are few and the point), then a sample
+        rng = np.random.default_rng(seed)
+        pos = idx[labels.numpy() == POSITIVE] if labels is not None else idx[:0]
+        rest = np.setdiff1d(idx, pos)
+        idx = np.sort(np.concatenate([pos[:max_drawn], rng.choice(rest, max(0, max_drawn - len(pos)), replace=False)]))
+    return AnchorView((boxes[idx] / factor).numpy(), lvl[idx].numpy(),
+                      None if labels is None else labels[idx].numpy(), counts, len(boxes), len(idx) < len(boxes))
+
+
+@dataclass
+class Proposals:
+    boxes: np.ndarray  # x0 y0 x1 y1 image pixels
+    scores: np.ndarray  # objectness (sigmoid)
+
+
+def iter_proposals(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float, region: tuple[int, int, int, int],
+                   k: int = 200, nms_iou: float = 0.7) -> Generator[Progress, None, tuple[Proposals, Proposals]]:
+    """Top-k RPN proposals in ``region`` (image px) before and after NMS, tile by tile."""
+    cfg = model.config
+    factor = image_mpp / cfg.mpp
+    x0, y0, x1, y1 = (int(round(c)) for c in region)
+    image = _to_model_scale(rgb[y0:y1, x0:x1], factor)
+    tiles = tile_grid(image.shape[-2], image.shape[-1], cfg.tile_size, cfg.tile_overlap)
+    model.eval()
+    all_boxes, all_scores = [], []
+    yield Progress(0, len(tiles), f"{len(tiles)} tiles")
+    for n, tile in enumerate(tiles):
+        crop = image[:, tile.y0:tile.y1, tile.x0:tile.x1]
+        with torch.inference_mode():
+            batch, _ = model.transform([crop])
+            feats = list(model.backbone(batch.tensors).values())
+            objectness, deltas = model.rpn.head(feats)
+            anchors = model.rpn.anchor_generator(batch, feats)[0]
+            objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+            boxes = model.rpn.box_coder.decode(deltas, [anchors]).view(-1, 4)
+            boxes = clip_boxes_to_image(boxes, batch.image_sizes[0])
+            scores = objectness.view(-1).sigmoid()
+        top = scores.topk(min(cfg.rpn_pre_nms_test, len(scores))).indices
+        boxes, scores = boxes[top], scores[top]
+        boxes = boxes + torch.tensor([tile.x0, tile.y0, tile.x0, tile.y0], dtype=boxes.dtype)
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        own = torch.tensor([tile.owns(float(cy), float(cx)) for cx, cy in centre.tolist()], dtype=torch.bool)
+        all_boxes.append(boxes[own])
+        all_scores.append(scores[own])
+        yield Progress(n + 1, len(tiles), f"tile {n + 1}/{len(tiles)}")
+    boxes, scores = torch.cat(all_boxes), torch.cat(all_scores)
+    order = scores.argsort(descending=True)
+    after = nms(boxes, scores, nms_iou)[:k]
+    offset = np.array([x0, y0, x0, y0], np.float32)
+
+    def to_image(idx) -> Proposals:
+        return Proposals((boxes[idx] / factor).numpy() + offset, scores[idx].numpy())
+
+    return to_image(order[:k]), to_image(after)

@@ -1,0 +1,79 @@
+"""RPN anchors & proposals widget in a real viewer."""
+import numpy as np
+
+from napari_bach._anchor_widget import SHAPES, AnchorWidget, parse_ratios, parse_sizes
+from napari_bach.synthetic import synthetic_he
+
+
+def _setup(make_napari_viewer, checkpoint, shape=(240, 320)):
+    viewer = make_napari_viewer()
+    rgb, labels = synthetic_he(shape, seed=8)
+    viewer.add_image(rgb, name="he", rgb=True, scale=(0.42, 0.42), metadata={"mpp": 0.42})
+    viewer.add_labels(labels, name="truth", scale=(0.42, 0.42))
+    w = AnchorWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.model.use_file(checkpoint)
+    w._image.value = viewer.layers["he"]
+    return viewer, w, labels
+
+
+def test_parsing_of_sizes_and_ratios():
+    assert parse_sizes("8,11 16,23") == ((8.0, 11.0), (16.0, 23.0)) and parse_sizes(" ") is None
+    assert parse_ratios("0.5, 1 2") == (0.5, 1.0, 2.0)
+
+
+def test_anchors_in_the_view_coloured_by_training_label(make_napari_viewer, tiny_checkpoint):
+    viewer, w, labels = _setup(make_napari_viewer, tiny_checkpoint)
+    viewer.reset_view()
+    w._nuclei.value = viewer.layers["truth"]
+    w._levels.value = ["P2"]
+    w._cap.value = 500
+    w.show_anchors()
+    layer = viewer.layers["anchors"]
+    assert set(layer.shape_type) == {"rectangle"} and set(layer.features["level"]) == {"P2"}
+    assert set(layer.features["label"]) <= {"positive", "negative", "ignored"}
+    assert "positive" in set(layer.features["label"])
+    assert len(layer.data) == 500 and "drawing 500" in w._status.value and "positive" in w._status.value
+    w.show_anchors()  # again: replaced, not stacked
+    assert [l.name for l in viewer.layers].count("anchors") == 1
+
+
+def test_anchors_in_a_drawn_box_without_nuclei(make_napari_viewer, tiny_checkpoint):
+    viewer, w, _ = _setup(make_napari_viewer, tiny_checkpoint)
+    box = np.array([[10, 10], [10, 40], [40, 40], [40, 10]]) * 0.42  # world units (µm)
+    viewer.add_shapes([box], shape_type="rectangle", name="roi")
+    w._region.value = SHAPES
+    w._region_layer.value = viewer.layers["roi"]
+    w._levels.value = ["P2", "P3"]
+    w.show_anchors()
+    layer = viewer.layers["anchors"]
+    corners = np.stack(layer.data)  # in data pixels of the image
+    centres = corners.mean(1)
+    assert len(layer.data) > 0 and set(layer.features["label"]) == {"unlabelled"}
+    assert (centres >= 10 - 1).all() and (centres <= 40 + 1).all()
+    assert "Choose a Nuclei labels layer" in w._status.value
+
+
+def test_proposals_before_and_after_nms_through_the_worker(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer, w, _ = _setup(make_napari_viewer, tiny_checkpoint)
+    viewer.reset_view()
+    w._k.value = 40
+    w._nms.value = 0.5
+    w.show_proposals()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
+    before, after = viewer.layers["proposals before NMS"], viewer.layers["proposals after NMS"]
+    assert len(before.data) == 40 and 0 < len(after.data) <= 40
+    assert "objectness" in before.features and (np.diff(before.features["objectness"]) <= 0).all()
+    assert "after NMS" in w._status.value
+
+
+def test_errors_are_reported_in_the_widget(make_napari_viewer, tiny_checkpoint, tmp_path):
+    viewer, w, _ = _setup(make_napari_viewer, tiny_checkpoint)
+    w._region.value = SHAPES
+    w.show_anchors()
+    assert "draw a box" in w._status.value
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"x")
+    w.model.use_file(bad)
+    w.show_anchors()
+    assert "not a PyTorch checkpoint" in w._status.value

@@ -1,0 +1,227 @@
+"""The "Correct, export & report" dock widget, working on a Segment nuclei result.
+
+Correction helpers edit the nuclei Labels layer and keep its box layer and per-nucleus
+table in sync; export writes a training sample that ``src_train --exported`` reads;
+figure and report write what a pathologist puts in a report.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton,
+                              create_widget)
+
+from .config import BACH_CLASSES
+from .export import SampleExistsError, export_sample
+from .layers import ROLE_KEY, result_layers
+from .measure import hematoxylin, measure_nuclei
+from .edit import delete_label, next_free_label, relabel_consecutive, remove_small, segmentation_from_labels
+from .report import report_numbers, write_nuclei_csv, write_report
+from ._widget import layer_mpp, layer_rgb
+
+FROM_MODEL = "(as predicted)"
+FULL, VIEW = "Full image resolution", "Current view"
+
+
+class CurateWidget(Container):
+    def __init__(self, viewer: "napari.viewer.Viewer") -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._image = create_widget(label="Image", annotation="napari.layers.Image")
+        self._nuclei = create_widget(label="Nuclei", annotation="napari.layers.Labels")
+        self._new = PushButton(text="Paint a new nucleus")
+        self._delete = PushButton(text="Delete selected nucleus")
+        self._min_area = FloatSpinBox(label="Min area µm²", min=0.0, max=1000.0, step=1.0, value=10.0)
+        self._remove_small = PushButton(text="Remove smaller nuclei")
+        self._relabel = PushButton(text="Relabel 1…N")
+        self._tissue = ComboBox(label="Tissue class", choices=[FROM_MODEL, *BACH_CLASSES], value=FROM_MODEL)
+        self._dataset = FileEdit(label="Dataset folder", mode="d")
+        self._sample = LineEdit(label="Sample name", value="")
+        self._on_exists = ComboBox(label="If it exists", choices=["ask", "version", "replace"], value="ask")
+        self._export = PushButton(text="Export training labels")
+        self._figure_mode = ComboBox(label="Figure", choices=[FULL, VIEW], value=FULL)
+        self._figure = FileEdit(label="Figure file", mode="w", filter="*.png")
+        self._save_figure = PushButton(text="Save figure")
+        self._report = FileEdit(label="Report file", mode="w", filter="*.pdf")
+        self._save_report = PushButton(text="Save report (+ nuclei CSV)")
+        self._status = Label(label="Status", value="")
+        self._status.native.setWordWrap(True)
+        self.extend([self._image, self._nuclei, self._new, self._delete, self._min_area, self._remove_small,
+                     self._relabel, self._tissue, self._dataset, self._sample, self._on_exists, self._export,
+                     self._figure_mode, self._figure, self._save_figure, self._report, self._save_report,
+                     self._status])
+        self.numbers: dict | None = None
+        self._new.changed.connect(self.paint_new)
+        self._delete.changed.connect(self.delete_selected)
+        self._remove_small.changed.connect(self.remove_small)
+        self._relabel.changed.connect(self.relabel)
+        self._export.changed.connect(self.export)
+        self._save_figure.changed.connect(self.save_figure)
+        self._save_report.changed.connect(self.save_report)
+        self._nuclei.changed.connect(self._watch)
+        self._watch(self._nuclei.value)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _layers(self):
+        image, nuclei = self._image.value, self._nuclei.value
+        if image is None or nuclei is None:
+            raise ValueError("choose an image and its nuclei layer (run Segment nuclei, or add a Labels layer)")
+        if nuclei.data.shape[-2:] != image.data.shape[:2]:
+            raise ValueError(f"nuclei layer shape {nuclei.data.shape} does not match the image {image.data.shape[:2]}")
+        return image, nuclei
+
+    def _watch(self, layer) -> None:
+        """Re-sync boxes and table after every paint stroke."""
+        if layer is not None and not getattr(layer, "_napari_bach_watched", False):
+            layer.events.paint.connect(lambda e: self.sync())
+            layer._napari_bach_watched = True
+
+    def _say(self, text: str) -> None:
+        self._status.value = text
+
+    def sync(self) -> None:
+        """Rebuild boxes, scores and measurements from the edited labels."""
+        try:
+            image, nuclei = self._layers()
+        except ValueError as exc:
+            self._say(str(exc))
+            return
+        features = nuclei.features
+        scores = dict(zip(features["index"], features["score"])) if "score" in features else {}
+        seg = segmentation_from_labels(np.asarray(nuclei.data), scores)
+        mpp = layer_mpp(image)
+        table = measure_nuclei(seg, hematoxylin(layer_rgb(image)), mpp)
+        source = (nuclei.metadata.get(ROLE_KEY) or {}).get("source", image.name)
+        placement = {"scale": tuple(nuclei.scale[-2:]), "units": tuple(nuclei.units[-2:])}
+        labels_t, boxes_t = result_layers(seg, source, placement, table, nuclei.metadata)
+        nuclei.features = labels_t[1]["features"]
+        nuclei.metadata = {**nuclei.metadata, ROLE_KEY: {"role": "nuclei", "source": source}}
+        boxes = [l for l in self._viewer.layers if (l.metadata or {}).get(ROLE_KEY) == {"role": "boxes", "source": source}]
+        if boxes:
+            boxes[0].data = boxes_t[0]
+            boxes[0].features = boxes_t[1]["features"]
+        else:
+            self._viewer.add_shapes(boxes_t[0], **boxes_t[1])
+        self._say(f"{len(seg.ids)} nuclei")
+
+    def paint_new(self) -> None:
+        try:
+            _, nuclei = self._layers()
+        except ValueError as exc:
+            return self._say(str(exc))
+        nuclei.selected_label = next_free_label(np.asarray(nuclei.data))
+        nuclei.mode = "paint"
+        self._viewer.layers.selection.active = nuclei
+        self._say(f"painting nucleus {nuclei.selected_label}")
+
+    def _edit(self, action) -> None:
+        try:
+            _, nuclei = self._layers()
+            data = np.asarray(nuclei.data)
+            message = action(nuclei, data)
+        except ValueError as exc:
+            return self._say(str(exc))
+        nuclei.data = data
+        self.sync()
+        self._say(message + f"; {self._status.value}")
+
+    def delete_selected(self) -> None:
+        def act(nuclei, data):
+            label = int(nuclei.selected_label)
+            if delete_label(data, label) == 0:
+                raise ValueError(f"nucleus {label} is not in the image")
+            return f"deleted nucleus {label}"
+        self._edit(act)
+
+    def remove_small(self) -> None:
+        def act(nuclei, data):
+            mpp = layer_mpp(self._image.value)
+            gone = remove_small(data, int(np.ceil(self._min_area.value / mpp**2)))
+            return f"removed {len(gone)} nuclei under {self._min_area.value:g} µm²"
+        self._edit(act)
+
+    def relabel(self) -> None:
+        def act(nuclei, data):
+            mapping = relabel_consecutive(data)
+            f = nuclei.features
+            if "index" in f and "score" in f:  # carry scores to the new ids
+                nuclei.features = {"index": [mapping.get(int(i), 0) for i in f["index"]], "score": f["score"]}
+            return "relabelled to consecutive ids"
+        self._edit(act)
+
+    # -- export and reports --------------------------------------------------------------
+    def tissue_class(self) -> tuple[str | None, dict | None]:
+        probs = self._nuclei.value.metadata.get("tissue_probs") if self._nuclei.value is not None else None
+        if self._tissue.value != FROM_MODEL:
+            return self._tissue.value, probs
+        known = (self._image.value.metadata or {}).get("tissue_class") if self._image.value is not None else None
+        return (max(probs, key=probs.get) if probs else known), probs
+
+    def export(self) -> Path | None:
+        try:
+            image, nuclei = self._layers()
+        except ValueError as exc:
+            return self._say(str(exc))
+        if not str(self._dataset.value) or str(self._dataset.value) == ".":
+            return self._say("choose a dataset folder")
+        name = self._sample.value.strip() or image.name
+        cls, _ = self.tissue_class()
+        meta = {"source": (image.metadata or {}).get("path"), "image_layer": image.name,
+                **{k: nuclei.metadata.get(k) for k in ("model", "model_name", "score_threshold", "nms_iou")}}
+        mode = self._on_exists.value
+        args = (self._dataset.value, name, layer_rgb(image), np.asarray(nuclei.data), layer_mpp(image), cls, meta)
+        try:
+            folder = export_sample(*args, on_exists="error" if mode == "ask" else mode)
+        except SampleExistsError:
+            from qtpy.QtWidgets import QMessageBox
+
+            box = QMessageBox(QMessageBox.Icon.Question, "Sample exists",
+                              f"'{name}' is already in this dataset.", parent=self.native)
+            version = box.addButton("Save as new version", QMessageBox.ButtonRole.AcceptRole)
+            replace = box.addButton("Replace", QMessageBox.ButtonRole.DestructiveRole)
+            box.addButton(QMessageBox.StandardButton.Cancel)
+            box.exec()
+            if box.clickedButton() not in (version, replace):
+                return self._say("export cancelled; nothing written")
+            folder = export_sample(*args, on_exists="version" if box.clickedButton() is version else "replace")
+        except ValueError as exc:
+            return self._say(f"not exported: {exc}")
+        self._say(f"exported {folder}")
+        return folder
+
+    def save_figure(self) -> Path | None:
+        path = Path(self._figure.value)
+        if not path.name or path.suffix.lower() != ".png":
+            return self._say("choose a .png figure file")
+        self._viewer.scale_bar.visible = True
+        if self._figure_mode.value == FULL:
+            self._viewer.export_figure(str(path))
+        else:
+            self._viewer.screenshot(str(path), canvas_only=True)
+        self._say(f"saved {path}")
+        return path
+
+    def save_report(self) -> Path | None:
+        try:
+            image, nuclei = self._layers()
+        except ValueError as exc:
+            return self._say(str(exc))
+        path = Path(self._report.value)
+        if not path.name or path.suffix.lower() != ".pdf":
+            return self._say("choose a .pdf report file")
+        self.sync()
+        rgb = layer_rgb(image)
+        table = {c: np.asarray(nuclei.features[c]) for c in nuclei.features.columns}
+        _, probs = self.tissue_class()
+        self.numbers = report_numbers(rgb, table, layer_mpp(image), probs)
+        m = nuclei.metadata
+        settings = {"Model": m.get("model", "unknown"), "Score threshold": m.get("score_threshold"),
+                    "NMS IoU": m.get("nms_iou"), "Tissue class chosen by user": self._tissue.value
+                    if self._tissue.value != FROM_MODEL else "no"}
+        write_report(path, image.name, rgb, np.asarray(nuclei.data), self.numbers, settings)
+        csv_path = write_nuclei_csv(path.with_name(f"{path.stem}_nuclei.csv"), table)
+        n = self.numbers
+        self._say(f"saved {path.name} and {csv_path.name}: {n['nuclei']} nuclei"
+                  + (f", {n['density_per_tissue_mm2']:.0f}/mm² tissue" if n.get("mpp") else ""))
+        return path

@@ -1,0 +1,151 @@
+"""Correct masks, export training labels, figures and reports (issue: correct & export)."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_bach._curate_widget import VIEW, CurateWidget
+from napari_bach._widget import SegmentWidget
+from napari_bach._writer import write_training_sample
+from napari_bach.edit import delete_label, next_free_label, relabel_consecutive, remove_small, segmentation_from_labels
+from napari_bach.report import report_numbers
+from napari_bach.synthetic import synthetic_he
+from src_train.datasets import load_exported
+
+
+def test_edit_helpers():
+    labels = np.zeros((10, 10), np.int32)
+    labels[0:3, 0:3], labels[5:6, 5:6], labels[7:10, 7:10] = 2, 5, 9
+    assert next_free_label(labels) == 10
+    assert remove_small(labels, 4) == [5] and 5 not in labels
+    assert delete_label(labels, 9) == 9 and labels.max() == 2
+    labels[7:10, 7:10] = 7
+    assert relabel_consecutive(labels) == {2: 1, 7: 2} and set(np.unique(labels)) == {0, 1, 2}
+    seg = segmentation_from_labels(labels, {1: 0.9})
+    assert list(seg.ids) == [1, 2] and seg.scores[0] == pytest.approx(0.9) and np.isnan(seg.scores[1])
+    np.testing.assert_array_equal(seg.boxes, [[0, 0, 3, 3], [7, 7, 10, 10]])
+    with pytest.raises(ValueError):
+        delete_label(labels, 0)
+
+
+def test_report_numbers_by_hand():
+    rgb = np.full((100, 200, 3), 255, np.uint8)
+    rgb[:, :50] = 120  # a quarter of the image is tissue
+    table = {"index": np.array([1, 2, 3]), "area_um2": np.array([10.0, 20.0, 30.0])}
+    n = report_numbers(rgb, table, 0.5, {"Normal": 0.1, "Benign": 0.6, "InSitu": 0.2, "Invasive": 0.1})
+    assert n["image_area_mm2"] == pytest.approx(100 * 200 * 0.25e-6)
+    assert n["tissue_area_mm2"] == pytest.approx(100 * 50 * 0.25e-6)
+    assert n["density_per_tissue_mm2"] == pytest.approx(3 / (100 * 50 * 0.25e-6))
+    assert n["area_mean_um2"] == 20 and n["area_median_um2"] == 20 and n["tissue_class"] == "Benign"
+    assert report_numbers(rgb, table, 0.5, None)["tissue_class"] == "not trained"
+
+
+@pytest.fixture
+def segmented(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    rgb, _ = synthetic_he((180, 220), seed=11)
+    viewer.add_image(rgb, name="b007", rgb=True, scale=(0.42, 0.42), metadata={"mpp": 0.42, "tissue_class": "Benign"})
+    seg = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(seg)
+    seg.model.use_file(tiny_checkpoint)
+    seg._score.value = 0.05
+    seg.run()
+    qtbot.waitUntil(lambda: seg.worker is None, timeout=120_000)
+    cur = CurateWidget(viewer)
+    viewer.window.add_dock_widget(cur)
+    cur._image.value = viewer.layers["b007"]
+    cur._nuclei.value = viewer.layers["b007 nuclei"]
+    return viewer, cur
+
+
+def _in_sync(viewer):
+    labels, boxes = viewer.layers["b007 nuclei"], viewer.layers["b007 boxes"]
+    ids = sorted(set(np.unique(labels.data)) - {0})
+    return list(labels.features["index"]) == ids == sorted(boxes.features["index"]) and len(boxes.data) == len(ids)
+
+
+def test_edit_then_export_round_trips_into_src_train(segmented, tmp_path):
+    viewer, cur = segmented
+    nuclei = viewer.layers["b007 nuclei"]
+    n0 = nuclei.data.max()
+    nuclei.selected_label = 1
+    cur.delete_selected()
+    assert 1 not in nuclei.data and _in_sync(viewer)
+    cur.paint_new()
+    assert nuclei.selected_label == n0 + 1 and nuclei.mode == "paint"
+    data = nuclei.data.copy()
+    data[5:15, 5:15] = n0 + 1  # a hand-painted nucleus
+    nuclei.data = data
+    cur.sync()
+    assert _in_sync(viewer) and np.isnan(nuclei.features["score"].iloc[-1])
+    cur._min_area.value = 5.0
+    cur.remove_small()
+    cur.relabel()
+    assert _in_sync(viewer) and list(nuclei.features["index"]) == list(range(1, nuclei.data.max() + 1))
+
+    cur._tissue.value = "InSitu"  # the pathologist's correction
+    cur._dataset.value = str(tmp_path / "dataset")
+    cur._on_exists.value = "version"
+    folder = cur.export()
+    (sample,) = load_exported(tmp_path / "dataset")
+    np.testing.assert_array_equal(sample.labels, nuclei.data)
+    np.testing.assert_array_equal(sample.image, viewer.layers["b007"].data)
+    assert sample.tissue == 2 and sample.mpp == 0.42 and folder.name == "b007"
+    assert cur.export().name == "b007_v2"  # never clobbered
+
+
+def test_export_asks_and_cancel_writes_nothing(segmented, tmp_path, monkeypatch):
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer, cur = segmented
+    cur._dataset.value = str(tmp_path / "ds")
+    cur.export()
+    before = (tmp_path / "ds" / "b007" / "labels.tif").read_bytes()
+    monkeypatch.setattr(QMessageBox, "exec", lambda self: 0)  # the user closes the question: cancel
+    monkeypatch.setattr(QMessageBox, "clickedButton", lambda self: None)
+    viewer.layers["b007 nuclei"].data = np.zeros_like(viewer.layers["b007 nuclei"].data)
+    assert cur.export() is None and "cancelled" in cur._status.value
+    assert (tmp_path / "ds" / "b007" / "labels.tif").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["b007", "manifest.json"]
+
+
+def test_invalid_labels_are_refused_by_the_widget(segmented, tmp_path):
+    viewer, cur = segmented
+    viewer.add_labels(np.zeros((10, 10), np.int32), name="wrong")
+    cur._nuclei.value = viewer.layers["wrong"]
+    cur._dataset.value = str(tmp_path / "ds")
+    assert cur.export() is None and "does not match" in cur._status.value
+    assert not (tmp_path / "ds").exists()
+
+
+def test_figure_and_report_contain_what_the_widget_shows(segmented, tmp_path):
+    viewer, cur = segmented
+    cur._figure.value = str(tmp_path / "full.png")
+    cur.save_figure()
+    cur._figure_mode.value = VIEW
+    cur._figure.value = str(tmp_path / "view.png")
+    cur.save_figure()
+    for name in ("full.png", "view.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    assert viewer.scale_bar.visible
+    cur._report.value = str(tmp_path / "report.pdf")
+    cur.save_report()
+    n = cur.numbers["nuclei"]
+    assert n == viewer.layers["b007 nuclei"].data.max() > 0
+    assert f"{n} nuclei" in cur._status.value
+    pdf = (tmp_path / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and f"nuclei={n}".encode() in pdf and b"tissue_class=not trained" in pdf
+    rows = (tmp_path / "report_nuclei.csv").read_text().splitlines()
+    assert len(rows) == n + 1 and rows[0].startswith("index,score,area_um2")
+
+
+def test_npe2_writer_exports_a_sample(tmp_path):
+    rgb, labels = synthetic_he((60, 70), seed=2)
+    paths = write_training_sample(str(tmp_path / "ds"), [
+        (rgb, {"name": "n003", "metadata": {"mpp": 0.42, "tissue_class": "Normal"}}, "image"),
+        (labels, {"name": "n003 nuclei", "metadata": {}}, "labels")])
+    (sample,) = load_exported(tmp_path / "ds")
+    assert paths == [str(tmp_path / "ds" / "n003")] and sample.tissue == 0
+    np.testing.assert_array_equal(sample.labels, labels)
+    with pytest.raises(ValueError, match="exactly one image"):
+        write_training_sample(str(tmp_path / "ds"), [(rgb, {"name": "x"}, "image")])

@@ -41,7 +41,7 @@ def available_devices() -> list[str]:
 
 def _to_model_scale(rgb: np.ndarray, factor: float) -> torch.Tensor:
     """RGB uint8 H×W×3 -> float 3×H'×W' in [0, 1] at the model's µm/px."""
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    t = torch.tensor(rgb).permute(2, 0, 1).float().div_(255.0)  # a copy: inputs may be read-only
     if abs(factor - 1.0) > 0.02:
         h, w = rgb.shape[:2]
         size = (max(1, round(h * factor)), max(1, round(w * factor)))

@@ -14,7 +14,8 @@ torch.set_num_threads(2)
 
 def tiny_config(**kw) -> ModelConfig:
     """The light architecture, small tiles and few candidates: fast on 2 CPU cores."""
-    base = dict(tile_size=128, tile_overlap=32, rpn_post_nms_test=100, max_candidates_per_tile=50)
+    base = dict(tile_size=128, tile_overlap=32, rpn_post_nms_test=100, max_candidates_per_tile=50,
+                rpn_post_nms_train=200, rpn_batch_size=64, box_batch_size=64)
     base.update(kw)
     return ModelConfig(**base)
 

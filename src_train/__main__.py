@@ -57,8 +57,10 @@ def cmd_train(args) -> int:
     trainer = Trainer(model_cfg, cfg, train, val, tissue, data_note="; ".join(notes),
                       license=args.license, pretrained=args.pretrained)
     last = Path(args.out) / "last.pt"
-    if args.resume:
-        trainer.resume(args.resume if args.resume != "auto" else last)
+    if args.resume == "auto" and not last.exists():
+        print(f"nothing to resume in {args.out}: starting a new run", file=sys.stderr)
+    elif args.resume:
+        trainer.resume(last if args.resume == "auto" else args.resume)
         print(f"resumed at step {trainer.step}", file=sys.stderr)
     print(f"{len(train)} nucleus images for training, {len(val)} for validation, {len(tissue)} tissue images; "
           f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps", file=sys.stderr)
@@ -79,6 +81,28 @@ def cmd_evaluate(args) -> int:
         bach_train, bach_val = stratified_split(load_bach(args.bach), args.val_fraction, args.seed, args.folds, args.fold)
         tissue = bach_train + bach_val if args.all else bach_val
     return evaluate_main(args, nuclei, tissue)
+
+
+def cmd_ship(args) -> int:
+    """Turn a run's checkpoint into the small file the plugin ships: fp16 weights, no
+    optimizer state, and the metrics measured by ``evaluate`` recorded as provenance."""
+    from napari_bach.checkpoint import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(args.model)
+    if args.metrics:
+        measured = json.loads(Path(args.metrics).read_text())
+        info.metrics = {"validation": measured.get("nuclei", {}), "command": args.metrics_command or ""}
+    if args.log:
+        import csv
+        with open(args.log) as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= info.steps]
+        hours = sum(float(r["seconds"]) for r in rows) / 3600
+        info.notes += f"; {info.steps} steps in {hours:.1f} h of CPU training"
+    if args.name:
+        info.name = args.name
+    out = save_checkpoint(args.out, model, info, half=True)
+    print(f"{out} ({out.stat().st_size / 1e6:.1f} MB): {info.status}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--all", action="store_true", help="evaluate on every image, not only the held-out split")
     e.add_argument("--log", default=None, help="training log.csv to plot loss curves from")
     e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("ship", help="write a run's checkpoint as a small fp16 model file with its measured metrics")
+    s.add_argument("model", help="checkpoint to ship, e.g. runs/r18/best.pt")
+    s.add_argument("--out", required=True, help="e.g. napari_bach/models/default.pt")
+    s.add_argument("--metrics", default=None, help="metrics.json written by `evaluate --out`")
+    s.add_argument("--metrics-command", default=None, help="the evaluate command, recorded with the metrics")
+    s.add_argument("--log", default=None, help="the run's log.csv, for the training time")
+    s.add_argument("--name", default=None)
+    s.set_defaults(func=cmd_ship)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -121,6 +121,42 @@ def test_resume_continues_the_same_run(tmp_path):
     assert resumed.step == 6
 
 
+def test_ship_writes_a_small_fp16_model_with_measured_metrics(tmp_path):
+    import json
+    from napari_bach.checkpoint import load_checkpoint, read_checkpoint
+    from src_train.__main__ import main
+    t = _trainer(tmp_path / "run", max_steps=2)
+    t.train_step()
+    t.save("last.pt")
+    (tmp_path / "metrics.json").write_text(json.dumps({"nuclei": {"f1": 0.5, "aji": 0.3, "pq": 0.4}}))
+    (tmp_path / "log.csv").write_text("step,seconds\n1,1800\n2,1800\n")
+    out = tmp_path / "default.pt"
+    assert main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(out), "--metrics", str(tmp_path / "metrics.json"),
+                 "--metrics-command", "python -m src_train evaluate ...", "--log", str(tmp_path / "log.csv")]) == 0
+    payload = read_checkpoint(out)
+    assert "train_state" not in payload
+    assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
+    assert out.stat().st_size < 0.6 * (tmp_path / "run" / "last.pt").stat().st_size
+    _, info = load_checkpoint(out)
+    assert info.metrics["validation"]["aji"] == 0.3 and info.nuclei_trained and not info.tissue_trained
+    assert "1 steps in 0.5 h" in info.notes
+
+
+def test_resume_auto_starts_fresh_when_nothing_to_resume(tmp_path, capsys):
+    from src_train.__main__ import main
+    root = tmp_path / "mon"
+    for d in ("images", "annotations"):
+        (root / d).mkdir(parents=True)
+    for i in range(3):
+        img, lab = synthetic_he((96, 96), mpp=0.25, seed=i)
+        tifffile.imwrite(root / "images" / f"t{i}.tif", img)
+        (root / "annotations" / f"t{i}.xml").write_text(XML)
+    args = ["train", "--monuseg", str(root), "--val-fraction", "0.34", "--out", str(tmp_path / "run"), "--max-steps", "1",
+            "--crop", "64", "--val-every", "100", "--no-progress", "--resume"]
+    assert main(args) == 0
+    assert "starting a new run" in capsys.readouterr().err
+
+
 def test_nucleus_metrics_match_hand_computation():
     gt = np.zeros((10, 10), int)
     pred = np.zeros((10, 10), int)

@@ -6,6 +6,8 @@ worker thread with progress and cancel.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from magicgui.widgets import (ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, Select,
                               SpinBox, create_widget)
@@ -15,6 +17,9 @@ from .anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, anchors_in_region, ite
 from .checkpoint import CheckpointError
 from .layers import box_corners
 from ._widget import ModelCache, ModelPicker, layer_mpp, layer_rgb
+
+if TYPE_CHECKING:
+    import napari
 
 VIEW, SHAPES = "Current view", "Boxes in a Shapes layer"
 LABEL_COLOURS = {POSITIVE: "lime", NEGATIVE: "red", IGNORED: "gray"}
@@ -54,7 +59,7 @@ def label_boxes(layer) -> np.ndarray:
 class AnchorWidget(Container):
     """Anchors per FPN level, their training labels, and RPN proposals before/after NMS."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer") -> None:
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
         super().__init__(labels=True)
         self._viewer = viewer
         self._image = create_widget(label="Image", annotation="napari.layers.Image")

@@ -7,6 +7,7 @@ figure and report write what a pathologist puts in a report.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton,
@@ -20,12 +21,15 @@ from .edit import delete_label, next_free_label, relabel_consecutive, remove_sma
 from .report import report_numbers, write_nuclei_csv, write_report
 from ._widget import layer_mpp, layer_rgb
 
+if TYPE_CHECKING:
+    import napari
+
 FROM_MODEL = "(as predicted)"
 FULL, VIEW = "Full image resolution", "Current view"
 
 
 class CurateWidget(Container):
-    def __init__(self, viewer: "napari.viewer.Viewer") -> None:
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
         super().__init__(labels=True)
         self._viewer = viewer
         self._image = create_widget(label="Image", annotation="napari.layers.Image")

@@ -5,6 +5,7 @@ All computation lives in the Qt-free core; this module only wires it to napari.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, ProgressBar,
@@ -19,6 +20,9 @@ from .imageio import BACH_MPP, to_rgb_uint8
 from .layers import ROLE_KEY, result_layers
 from .measure import hematoxylin, measure_nuclei
 from .predict import available_devices, iter_predict
+
+if TYPE_CHECKING:
+    import napari
 
 DEFAULT_CHOICE = "Default (shipped)"
 FILE_CHOICE = "Checkpoint file…"
@@ -97,7 +101,7 @@ def tissue_text(probs: np.ndarray | None, classes: tuple[str, ...], known: str |
 class SegmentWidget(Container):
     """Mask R-CNN nuclei + tissue class for the chosen image layer."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer") -> None:
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
         super().__init__(labels=True)
         self._viewer = viewer
         cfg = ModelConfig()

@@ -79,6 +79,8 @@ def view(image: str | None, segment: bool, screenshot: str | None = None) -> Non
     """Open napari with the image (or the sample) and the docked widget."""
     import napari
 
+    from . import model  # noqa: F401  torch before napari's OpenGL canvas (see napari_bach/__init__.py)
+
     viewer = napari.Viewer()
     if image:
         viewer.open(image, plugin="napari-bach")

@@ -35,6 +35,28 @@ def _result_layers(viewer):
     return [l for l in viewer.layers if "napari_bach" in (l.metadata or {})]
 
 
+@pytest.mark.parametrize("name", ["Segment nuclei", "RPN anchors & proposals", "Correct, export & report"])
+def test_each_widget_opens_from_the_plugins_menu(viewer, name):
+    """napari builds the dock widget itself and injects the viewer by annotation."""
+    viewer.open_sample(PLUGIN, "synthetic_he")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    assert widget._viewer.layers[0].name == "synthetic H&E"
+    assert widget._image.value is viewer.layers[0]
+
+
+def test_torch_loads_after_the_opengl_canvas():
+    """napari opens its canvas before a plugin widget imports torch; on software OpenGL
+    (Mesa's LLVM) torch's triton import used to segfault there."""
+    import subprocess
+    import sys
+    code = ("import napari; v = napari.Viewer(show=False); v.add_image(__import__('numpy').zeros((8, 8)));"
+            "import napari_bach._widget, napari_bach.model, torch;"
+            "from napari_bach.config import ModelConfig; m = napari_bach.model.build_model(ModelConfig()).eval();"
+            "print(len(m([torch.rand(3, 64, 64)])[0]['boxes']) >= 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-2000:]
+
+
 def test_sample_data_opens_scaled_in_microns(viewer):
     layers = viewer.open_sample(PLUGIN, "synthetic_he")
     (layer,) = layers

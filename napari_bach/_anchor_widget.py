@@ -149,9 +149,9 @@ class AnchorWidget(Container):
                   features=feats, scale=layer.scale[-2:], units=layer.units[-2:])
         text = ", ".join(f"{v} {k}" for k, v in counts.items())
         if capped:
-            text += f"; drawing {len(boxes)} of them (every positive, then a random sample)"
+            text += f"\ndrawing {len(boxes)} of them:\nevery positive, then a random sample"
         if nuclei is None:
-            text += ". Choose a Nuclei labels layer to colour anchors by training label"
+            text += "\nchoose a Nuclei labels layer to colour\nanchors by their training label"
         self._status.value = text
 
     def show_proposals(self) -> None:
@@ -189,8 +189,8 @@ class AnchorWidget(Container):
         for name, p, colour in (("proposals before NMS", before, "orange"), ("proposals after NMS", after, "lime")):
             self._put(name, [(b, "rectangle") for b in box_corners(p.boxes)], edge_color=colour, edge_width=0.7,
                       features={"objectness": p.scores}, **placement)
-        self._status.value = (f"top {len(before.boxes)} proposals before NMS, {len(after.boxes)} after NMS "
-                              f"(IoU {self._nms.value:.2f}); objectness in the layers' features")
+        self._status.value = (f"top {len(before.boxes)} proposals before NMS,\n{len(after.boxes)} after NMS "
+                              f"(IoU {self._nms.value:.2f});\nobjectness in the layers' features")
 
     def _on_error(self, exc: Exception) -> None:
         self._status.value = f"Failed: {exc}"

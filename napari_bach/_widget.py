@@ -88,7 +88,7 @@ def layer_mpp(layer) -> float:
 
 def tissue_text(probs: np.ndarray | None, classes: tuple[str, ...], known: str | None) -> str:
     if probs is None:
-        text = "Tissue class: not trained (this model has no tissue-class training)"
+        text = "Tissue class: not trained\n(this model had no tissue labels)"
     else:
         best = int(np.argmax(probs))
         text = f"Tissue class: {classes[best]} ({probs[best]:.0%})\n" + " · ".join(
@@ -204,8 +204,7 @@ class SegmentWidget(Container):
                        "known": known, "mpp": mpp}
         self._tissue.value = tissue_text(det.tissue_probs, det.meta["classes"], known)
         self.refilter()
-        n = self.result["count"]
-        self._status.value = f"{n} nuclei · {info.status}"
+        self._status.value = self._count_text()
         if not info.nuclei_trained:
             show_info("napari-bach: this model is UNTRAINED; its masks are meaningless.")
         self._viewer.scale_bar.visible = True
@@ -245,7 +244,11 @@ class SegmentWidget(Container):
             self._put_layer(data, kwargs, layer_type)
         r["count"] = len(seg.ids)
         if self.worker is None:
-            self._status.value = f"{len(seg.ids)} nuclei · {r['info'].status}"
+            self._status.value = self._count_text()
+
+    def _count_text(self) -> str:
+        model_lines = self.result["info"].status.replace(", ", "\n")
+        return f"{self.result['count']} nuclei\n{model_lines}"
 
     def _put_layer(self, data, kwargs: dict, layer_type: str) -> None:
         role = kwargs["metadata"][ROLE_KEY]

@@ -51,7 +51,7 @@ def test_anchors_in_a_drawn_box_without_nuclei(make_napari_viewer, tiny_checkpoi
     centres = corners.mean(1)
     assert len(layer.data) > 0 and set(layer.features["label"]) == {"unlabelled"}
     assert (centres >= 10 - 1).all() and (centres <= 40 + 1).all()
-    assert "Choose a Nuclei labels layer" in w._status.value
+    assert "choose a Nuclei labels layer" in w._status.value
 
 
 def test_proposals_before_and_after_nms_through_the_worker(make_napari_viewer, qtbot, tiny_checkpoint):

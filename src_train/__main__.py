@@ -100,6 +100,8 @@ def cmd_ship(args) -> int:
         info.notes += f"; {info.steps} steps in {hours:.1f} h of CPU training"
     if args.name:
         info.name = args.name
+    if args.score_threshold is not None:  # e.g. the best of evaluate's score_sweep on validation
+        model.config.default_score_threshold = args.score_threshold
     out = save_checkpoint(args.out, model, info, half=True)
     print(f"{out} ({out.stat().st_size / 1e6:.1f} MB): {info.status}")
     return 0
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", default=None, help="folder for metrics.json and plots")
     e.add_argument("--all", action="store_true", help="evaluate on every image, not only the held-out split")
     e.add_argument("--log", default=None, help="training log.csv to plot loss curves from")
+    e.add_argument("--score-threshold", type=float, default=None, help="default: the model's own")
+    e.add_argument("--nms-iou", type=float, default=None, help="default: the model's own")
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("ship", help="write a run's checkpoint as a small fp16 model file with its measured metrics")
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--metrics-command", default=None, help="the evaluate command, recorded with the metrics")
     s.add_argument("--log", default=None, help="the run's log.csv, for the training time")
     s.add_argument("--name", default=None)
+    s.add_argument("--score-threshold", type=float, default=None, help="the shipped model's default score threshold")
     s.set_defaults(func=cmd_ship)
 
     args = parser.parse_args(argv)

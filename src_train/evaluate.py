@@ -15,6 +15,9 @@ from .datasets import Sample
 from .metrics import nucleus_metrics, pooled_nucleus_metrics, roc_curve, tissue_metrics
 
 
+SCORE_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
 def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),
              score_threshold: float | None = None, nms_iou: float | None = None) -> dict:
     """Metrics of one model; nucleus images are segmented whole, at their own µm/px."""
@@ -23,14 +26,17 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
     score = cfg.default_score_threshold if score_threshold is None else score_threshold
     nms = cfg.default_nms_iou if nms_iou is None else nms_iou
     result = {"model": str(model_path), "model_status": info.status, "score_threshold": score, "nms_iou": nms}
-    per_image = []
+    per_image, sweep = [], {t: [] for t in SCORE_SWEEP}
     for s in nuclei:
-        seg = predict(s.image, model, s.mpp, tissue_trained=False).refilter(score, nms)
-        m = nucleus_metrics(s.labels, seg.labels)
+        det = predict(s.image, model, s.mpp, tissue_trained=False)
+        m = nucleus_metrics(s.labels, det.refilter(score, nms).labels)
         per_image.append({"image": s.name, **m})
+        for t in SCORE_SWEEP:  # re-filtering is cheap: the network ran once
+            sweep[t].append(nucleus_metrics(s.labels, det.refilter(t, nms).labels))
     if per_image:
         result["nuclei"] = pooled_nucleus_metrics(per_image)
         result["nuclei_per_image"] = per_image
+        result["score_sweep"] = [{"score_threshold": t, **pooled_nucleus_metrics(ms)} for t, ms in sweep.items()]
     if tissue:
         if not info.tissue_trained:
             result["tissue"] = "not trained: this checkpoint's tissue head never saw tissue labels"
@@ -98,7 +104,7 @@ def save_plots(result: dict, out: Path, log_csv: Path | None = None) -> list[Pat
 
 
 def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
-    result = evaluate(args.model, nuclei, tissue)
+    result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou)
     summary = {k: v for k, v in result.items() if k != "nuclei_per_image"}
     if isinstance(summary.get("tissue"), dict):
         summary["tissue"] = {k: v for k, v in summary["tissue"].items() if k not in ("probs", "truth")}

@@ -1,4 +1,6 @@
 """src_train on tiny synthetic data: readers, augmentation, steps, resume, metrics."""
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -122,7 +124,6 @@ def test_resume_continues_the_same_run(tmp_path):
 
 
 def test_ship_writes_a_small_fp16_model_with_measured_metrics(tmp_path):
-    import json
     from napari_bach.checkpoint import load_checkpoint, read_checkpoint
     from src_train.__main__ import main
     t = _trainer(tmp_path / "run", max_steps=2)
@@ -132,17 +133,19 @@ def test_ship_writes_a_small_fp16_model_with_measured_metrics(tmp_path):
     (tmp_path / "log.csv").write_text("step,seconds\n1,1800\n2,1800\n")
     out = tmp_path / "default.pt"
     assert main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(out), "--metrics", str(tmp_path / "metrics.json"),
-                 "--metrics-command", "python -m src_train evaluate ...", "--log", str(tmp_path / "log.csv")]) == 0
+                 "--metrics-command", "python -m src_train evaluate ...", "--log", str(tmp_path / "log.csv"),
+                 "--score-threshold", "0.4"]) == 0
     payload = read_checkpoint(out)
     assert "train_state" not in payload
     assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
     assert out.stat().st_size < 0.6 * (tmp_path / "run" / "last.pt").stat().st_size
-    _, info = load_checkpoint(out)
+    model, info = load_checkpoint(out)
+    assert model.config.default_score_threshold == 0.4
     assert info.metrics["validation"]["aji"] == 0.3 and info.nuclei_trained and not info.tissue_trained
     assert "1 steps in 0.5 h" in info.notes
 
 
-def test_resume_auto_starts_fresh_when_nothing_to_resume(tmp_path, capsys):
+def test_resume_starts_fresh_then_evaluate_reports_metrics(tmp_path, capsys):
     from src_train.__main__ import main
     root = tmp_path / "mon"
     for d in ("images", "annotations"):
@@ -155,6 +158,17 @@ def test_resume_auto_starts_fresh_when_nothing_to_resume(tmp_path, capsys):
             "--crop", "64", "--val-every", "100", "--no-progress", "--resume"]
     assert main(args) == 0
     assert "starting a new run" in capsys.readouterr().err
+
+    # the evaluate command on the same held-out split: metrics, a threshold sweep, plots
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--monuseg", str(root), "--val-fraction", "0.34", "--model", str(tmp_path / "run" / "last.pt"),
+                 "--out", str(out), "--log", str(tmp_path / "run" / "log.csv"), "--score-threshold", "0.3"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["score_threshold"] == 0.3 and result["nuclei"]["images"] == 1
+    assert {"f1", "aji", "pq", "dice"} <= set(result["nuclei"])
+    assert [r["score_threshold"] for r in result["score_sweep"]] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert result["score_sweep"][0]["f1"] == result["nuclei"]["f1"]
+    assert (out / "curves.png").stat().st_size > 0
 
 
 def test_nucleus_metrics_match_hand_computation():

@@ -13,7 +13,7 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, FloatS
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 
-from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
+from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint, recommended_thresholds
 from .config import ModelConfig
 from .detections import Detections
 from .imageio import BACH_MPP, to_rgb_uint8
@@ -131,13 +131,23 @@ class SegmentWidget(Container):
         self._cancel.changed.connect(self.cancel)
         self._score.changed.connect(self.refilter)
         self._nms.changed.connect(self.refilter)
+        self.model.changed.connect(self._use_model_thresholds)
         self._on_image_changed(self._image.value)
         self._show_model_status()
+        self._use_model_thresholds()
 
     # -- parameters -----------------------------------------------------------------------
     def _show_model_status(self) -> None:
         if self.model.choice.value == DEFAULT_CHOICE and not DEFAULT_MODEL.exists():
             self._status.value = "No default model is shipped in this install: choose a checkpoint file."
+
+    def _use_model_thresholds(self, *_) -> None:
+        """Start from the chosen model's own thresholds, as stardist-napari does."""
+        path = self.model.path()
+        thresholds = recommended_thresholds(path) if path.is_file() else None
+        if thresholds is not None:
+            self._score.value = thresholds[0]
+            self._nms.value = min(thresholds[1], self._nms.max)
 
     def _on_image_changed(self, layer) -> None:
         if layer is not None:

@@ -114,3 +114,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[BachMaskRCNN
             f"{(result.missing_keys + result.unexpected_keys)[:3]})"
         )
     return model.to(device).eval(), info
+
+
+def recommended_thresholds(path: str | Path) -> tuple[float, float] | None:
+    """The model's own score threshold and NMS IoU (chosen on validation), or None if unreadable."""
+    try:
+        cfg = ModelConfig.from_dict(read_checkpoint(path)["config"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
+    return cfg.default_score_threshold, cfg.default_nms_iou

@@ -57,6 +57,19 @@ def test_torch_loads_after_the_opengl_canvas():
     assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-2000:]
 
 
+def test_choosing_a_model_starts_from_its_own_thresholds(viewer, tmp_path):
+    from conftest import tiny_config
+    from napari_bach.checkpoint import ModelInfo, save_checkpoint
+    from napari_bach.model import build_model
+    path = save_checkpoint(tmp_path / "tuned.pt", build_model(tiny_config(default_score_threshold=0.35,
+                                                                          default_nms_iou=0.4)), ModelInfo())
+    w = SegmentWidget(viewer)
+    w.model.use_file(path)
+    assert (w._score.value, w._nms.value) == pytest.approx((0.35, 0.4))
+    w._score.value = 0.6  # the user's choice stands until another model is chosen
+    assert w._score.value == pytest.approx(0.6)
+
+
 def test_sample_data_opens_scaled_in_microns(viewer):
     layers = viewer.open_sample(PLUGIN, "synthetic_he")
     (layer,) = layers

@@ -15,7 +15,7 @@ from .datasets import Sample
 from .metrics import nucleus_metrics, pooled_nucleus_metrics, roc_curve, tissue_metrics
 
 
-SCORE_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+SCORE_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),

@@ -166,8 +166,8 @@ def test_resume_starts_fresh_then_evaluate_reports_metrics(tmp_path, capsys):
     result = json.loads((out / "metrics.json").read_text())
     assert result["score_threshold"] == 0.3 and result["nuclei"]["images"] == 1
     assert {"f1", "aji", "pq", "dice"} <= set(result["nuclei"])
-    assert [r["score_threshold"] for r in result["score_sweep"]] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-    assert result["score_sweep"][0]["f1"] == result["nuclei"]["f1"]
+    assert [r["score_threshold"] for r in result["score_sweep"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert result["score_sweep"][2]["f1"] == result["nuclei"]["f1"]
     assert (out / "curves.png").stat().st_size > 0
 
 

@@ -66,7 +66,13 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None =
     device = next(model.parameters()).device
     image = _to_model_scale(rgb, factor)
     h, w = image.shape[-2:]
-    tiles = tile_grid(h, w, cfg.tile_size, cfg.tile_overlap)
+    # An image smaller than a tile is padded with glass (white) to the full tile: the
+    # network's own zero padding looks like tissue to it and yields slivers at the edge.
+    # Detections centred in the padding are dropped below, as any outside a tile's core.
+    ph, pw = max(0, cfg.tile_size - h), max(0, cfg.tile_size - w)
+    if ph or pw:
+        image = torch.nn.functional.pad(image, (0, pw, 0, ph), value=1.0)
+    tiles = tile_grid(h + ph, w + pw, cfg.tile_size, cfg.tile_overlap)
     model.eval()
     channels_last = device.type == "cpu"
     if channels_last:
@@ -83,9 +89,11 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None =
                 out = model([crop.to(device)])[0]
             boxes = out["boxes"].cpu() + torch.tensor([tile.x0, tile.y0, tile.x0, tile.y0], dtype=torch.float32)
             centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-            own = torch.tensor([tile.owns(float(cy), float(cx)) for cx, cy in centres.tolist()], dtype=torch.bool)
+            own = torch.tensor([tile.owns(cy, cx) and cy < h and cx < w for cx, cy in centres.tolist()],
+                               dtype=torch.bool)
             boxes = boxes[own] / factor  # back to the input image's pixels
             offsets, crops = mask_crops(out["masks"].cpu()[own], boxes, orig_shape)
+            boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([orig_shape[1], orig_shape[0]] * 2))
             parts.append(Detections(orig_shape, boxes.numpy(), out["scores"].cpu()[own].numpy(), offsets, crops))
             tissue_logits.append(out["tissue_logits"].cpu())
             weights.append(float(tissue))

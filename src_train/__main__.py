@@ -100,6 +100,8 @@ def cmd_ship(args) -> int:
         info.notes += f"; {info.steps} steps in {hours:.1f} h of CPU training"
     if args.name:
         info.name = args.name
+    if args.data:
+        info.data = args.data
     if args.score_threshold is not None:  # e.g. the best of evaluate's score_sweep on validation
         model.config.default_score_threshold = args.score_threshold
     out = save_checkpoint(args.out, model, info, half=True)
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--metrics-command", default=None, help="the evaluate command, recorded with the metrics")
     s.add_argument("--log", default=None, help="the run's log.csv, for the training time")
     s.add_argument("--name", default=None)
+    s.add_argument("--data", default=None, help="describe the training data (default: as recorded by train)")
     s.add_argument("--score-threshold", type=float, default=None, help="the shipped model's default score threshold")
     s.set_defaults(func=cmd_ship)
 

@@ -24,6 +24,7 @@ class OracleModel(torch.nn.Module):
 
     def forward(self, images):
         self.calls += 1
+        self.seen = images[0]
         tile = images[0][0].numpy() < 0.5  # dark objects on white
         boxes, masks = [], []
         for r in regionprops(label(tile)):
@@ -82,6 +83,17 @@ def test_progress_per_tile_and_glass_tiles_are_skipped():
     assert all(isinstance(s, Progress) for s in steps)
     assert [s.done for s in steps] == list(range(len(steps))) and steps[-1].done == steps[-1].total
     assert model.calls == 1 and len(det.refilter(0.5, 0.5).ids) == 1
+
+
+def test_image_smaller_than_a_tile_is_padded_with_glass_not_zeros():
+    cfg = tiny_config(tile_size=128, tile_overlap=32)
+    rgb = _image_with_squares((100, 70), [(10, 10, 12), (80, 50, 15)])  # the second touches the corner
+    model = OracleModel(cfg)
+    seg = predict(rgb, model, cfg.mpp).refilter(0.5, 0.5)
+    assert tuple(model.seen.shape[-2:]) == (128, 128)
+    assert (model.seen[:, 100:, :] == 1.0).all() and (model.seen[:, :, 70:] == 1.0).all()
+    assert len(seg.ids) == 2 and seg.labels.shape == (100, 70)
+    assert (seg.boxes[:, 2] <= 70).all() and (seg.boxes[:, 3] <= 100).all()
 
 
 def test_real_model_on_synthetic_he(tiny_checkpoint):

@@ -89,19 +89,24 @@ def anchors_in_region(generator: AnchorGenerator, image_hw: tuple[int, int], fac
     RPN matches nuclei against all anchors; counts are exact, drawing is capped."""
     h, w = (max(1, round(s * factor)) for s in image_hw)
     x0, y0, x1, y1 = (c * factor for c in region)
-    boxes, lvl = [], []
-    for i, a in enumerate(level_anchors(generator, h, w)):
-        cx, cy = (a[:, 0] + a[:, 2]) / 2, (a[:, 1] + a[:, 3]) / 2
-        keep = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
-        boxes.append(a[keep])
-        lvl.append(torch.full((int(keep.sum()),), i))
-    boxes, lvl = torch.cat(boxes), torch.cat(lvl)
+    per_level = level_anchors(generator, h, w)
+    everywhere = torch.cat(per_level)
+    lvl = torch.cat([torch.full((len(a),), i) for i, a in enumerate(per_level)])
+    cx, cy = (everywhere[:, 0] + everywhere[:, 2]) / 2, (everywhere[:, 1] + everywhere[:, 3]) / 2
+    inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+    boxes, lvl = everywhere[inside], lvl[inside]
     labels = None
     if gt_boxes is not None:
         gt = torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4) * factor
         labels = torch.full((len(boxes),), NEGATIVE, dtype=torch.int8)  # IoU 0 with every nucleus
-        near = _touching(boxes, gt)
-        labels[near] = label_anchors(boxes[near], gt, fg, bg)
+        gt = gt[_touching(gt, boxes)]  # the only nuclei that can label anchors of this region
+        if len(gt):
+            # Match against every anchor of the image that touches them, as the RPN does:
+            # a nucleus's "best anchor" may lie outside the region.
+            near = _touching(everywhere, gt)
+            all_labels = torch.full((len(everywhere),), NEGATIVE, dtype=torch.int8)
+            all_labels[near] = label_anchors(everywhere[near], gt, fg, bg)
+            labels = all_labels[inside]
     chosen = torch.isin(lvl, torch.tensor(levels))
     boxes, lvl = boxes[chosen], lvl[chosen]
     labels = labels[chosen] if labels is not None else None

@@ -58,6 +58,18 @@ def test_region_counts_are_exact_and_drawing_is_capped_on_a_bach_sized_image():
     assert (centres >= 0).all() and (centres < 64).all() and (small.levels == 0).all()
 
 
+def test_a_region_labels_its_anchors_as_the_whole_image_would():
+    """Nuclei outside the region must not lend it 'best anchor' positives (IoU 0 ties)."""
+    cfg = tiny_config()
+    gen = make_generator(cfg.anchor_sizes, cfg.aspect_ratios)
+    gt = np.array([[10, 10, 26, 24], [58, 40, 75, 55], [300, 300, 318, 316], [500, 20, 512, 34]], np.float32)
+    whole = anchors_in_region(gen, (400, 600), 1.0, (0, 0, 600, 400), [0, 1, 2, 3, 4], gt, max_drawn=10**7)
+    part = anchors_in_region(gen, (400, 600), 1.0, (0, 0, 64, 64), [0, 1, 2, 3, 4], gt, max_drawn=10**7)
+    key = {tuple(b): l for b, l in zip(whole.boxes.round(3).tolist(), whole.labels.tolist())}
+    assert [key[tuple(b)] for b in part.boxes.round(3).tolist()] == part.labels.tolist()
+    assert 0 < part.counts["positive"] < 60 and part.counts["ignored"] > 0
+
+
 def test_proposals_before_and_after_nms(tiny_checkpoint):
     from napari_bach.checkpoint import load_checkpoint
 

@@ -16,7 +16,7 @@ from napari.qt.threading import thread_worker
 from .anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, anchors_in_region, iter_proposals, make_generator
 from .checkpoint import CheckpointError
 from .layers import box_corners
-from ._widget import ModelCache, ModelPicker, layer_mpp, layer_rgb
+from ._widget import ModelCache, ModelPicker, layer_mpp, layer_rgb, wrap
 
 if TYPE_CHECKING:
     import napari
@@ -82,7 +82,7 @@ class AnchorWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self._status = Label(label="Status", value="")
-        self._status.native.setWordWrap(True)
+        wrap(self._status)
         self.extend([self._image, self.model, self._levels, self._sizes, self._ratios, self._region,
                      self._region_layer, self._nuclei, self._fg, self._bg, self._cap, self._show_anchors, self._k,
                      self._nms, self._show_proposals, self._cancel, self._progress, self._status])
@@ -186,7 +186,7 @@ class AnchorWidget(Container):
             self._on_error(out)
             return
         before, after = out
-        for name, p, colour in (("proposals before NMS", before, "orange"), ("proposals after NMS", after, "lime")):
+        for name, p, colour in (("proposals before NMS", before, "orange"), ("proposals after NMS", after, "cyan")):
             self._put(name, [(b, "rectangle") for b in box_corners(p.boxes)], edge_color=colour, edge_width=0.7,
                       features={"objectness": p.scores}, **placement)
         self._status.value = (f"top {len(before.boxes)} proposals before NMS,\n{len(after.boxes)} after NMS "

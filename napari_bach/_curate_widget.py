@@ -19,7 +19,7 @@ from .layers import ROLE_KEY, result_layers
 from .measure import hematoxylin, measure_nuclei
 from .edit import delete_label, next_free_label, relabel_consecutive, remove_small, segmentation_from_labels
 from .report import report_numbers, write_nuclei_csv, write_report
-from ._widget import layer_mpp, layer_rgb
+from ._widget import layer_mpp, layer_rgb, wrap
 
 if TYPE_CHECKING:
     import napari
@@ -50,7 +50,7 @@ class CurateWidget(Container):
         self._report = FileEdit(label="Report file", mode="w", filter="*.pdf")
         self._save_report = PushButton(text="Save report (+ nuclei CSV)")
         self._status = Label(label="Status", value="")
-        self._status.native.setWordWrap(True)
+        wrap(self._status)
         self.extend([self._image, self._nuclei, self._new, self._delete, self._min_area, self._remove_small,
                      self._relabel, self._tissue, self._dataset, self._sample, self._on_exists, self._export,
                      self._figure_mode, self._figure, self._save_figure, self._report, self._save_report,

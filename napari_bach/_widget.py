@@ -71,6 +71,15 @@ def _segment(rgb: np.ndarray, model_path: Path, device: str, mpp: float, cache: 
     return det, info, hematoxylin(rgb)
 
 
+def wrap(label: Label) -> None:
+    """Let a status label wrap to the dock's width and grow in height, never cut off."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    label.native.setWordWrap(True)
+    label.native.setMinimumWidth(1)
+    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+
+
 def layer_rgb(layer) -> np.ndarray:
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     return to_rgb_uint8(np.asarray(data))
@@ -120,7 +129,7 @@ class SegmentWidget(Container):
         self.extend([self._image, self.model, self._device, self._mpp, self._score, self._nms,
                      self._run, self._cancel, self._progress, self._status, self._tissue])
         for label in (self._status, self._tissue):
-            label.native.setWordWrap(True)
+            wrap(label)
         self.worker = None
         self.result: dict | None = None
         self._closed = False

@@ -95,6 +95,8 @@ def view(image: str | None, segment: bool, screenshot: str | None = None) -> Non
 
         while widget.worker is not None:
             QApplication.processEvents()
+        for _ in range(5):  # let the dock re-layout its wrapped status lines
+            QApplication.processEvents()
         viewer.screenshot(screenshot, canvas_only=False)
         viewer.close()
         return

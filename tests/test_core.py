@@ -78,3 +78,31 @@ def test_refilter_drops_fully_covered_candidates_and_keeps_ids_consecutive():
 def test_paste_labels_first_crop_wins():
     labels = paste_labels((5, 5), np.array([[0, 0], [1, 1]]), [np.ones((3, 3), bool)] * 2, np.array([1, 0]))
     assert labels[1, 1] == 1 and labels[0, 0] == 2 and labels[3, 3] == 1
+
+
+def test_measurements_equal_scikit_image_regionprops():
+    """The vectorised table must be the same numbers skimage's per-region loop gives."""
+    from skimage.measure import regionprops_table
+
+    from napari_bach.detections import Segmentation
+    from napari_bach.measure import hematoxylin, measure_nuclei
+    from napari_bach.synthetic import synthetic_he
+
+    rgb, labels = synthetic_he((300, 420), mpp=0.42, seed=4)
+    labels = labels.astype(np.int32)
+    labels[5:9, 5:30] = labels.max() + 1  # a thin bar: eccentricity near 1
+    labels[50, 50] = labels.max() + 1  # a single pixel: eccentricity 0
+    ids = np.unique(labels[labels > 0])[::-1]  # any order: rows follow seg.ids
+    seg = Segmentation(labels, ids, np.zeros((len(ids), 4), np.float32), np.linspace(0.9, 0.5, len(ids)))
+    hema = hematoxylin(rgb)
+    table = measure_nuclei(seg, hema, 0.5)
+    ref = regionprops_table(labels, intensity_image=hema,
+                            properties=("label", "area", "perimeter", "eccentricity", "intensity_mean", "centroid"))
+    order = np.searchsorted(ref["label"], ids)
+    np.testing.assert_array_equal(table["index"], ids)
+    np.testing.assert_allclose(table["area_um2"], ref["area"][order] * 0.25)
+    np.testing.assert_allclose(table["perimeter_um"], ref["perimeter"][order] * 0.5)
+    np.testing.assert_allclose(table["eccentricity"], ref["eccentricity"][order], atol=1e-4)
+    np.testing.assert_allclose(table["mean_hematoxylin"], ref["intensity_mean"][order], rtol=1e-5)
+    np.testing.assert_allclose(table["centroid_y"], ref["centroid-0"][order])
+    np.testing.assert_allclose(table["centroid_x"], ref["centroid-1"][order])

@@ -19,7 +19,7 @@ from .layers import ROLE_KEY, result_layers
 from .measure import hematoxylin, measure_nuclei
 from .edit import delete_label, next_free_label, relabel_consecutive, remove_small, segmentation_from_labels
 from .report import report_numbers, write_nuclei_csv, write_report
-from ._widget import layer_mpp, layer_rgb, wrap
+from ._widget import layer_mpp, layer_rgb, put_result_layer, wrap
 
 if TYPE_CHECKING:
     import napari
@@ -99,14 +99,9 @@ class CurateWidget(Container):
         source = (nuclei.metadata.get(ROLE_KEY) or {}).get("source", image.name)
         placement = {"scale": tuple(nuclei.scale[-2:]), "units": tuple(nuclei.units[-2:])}
         labels_t, boxes_t = result_layers(seg, source, placement, table, nuclei.metadata)
-        nuclei.features = labels_t[1]["features"]
-        nuclei.metadata = {**nuclei.metadata, ROLE_KEY: {"role": "nuclei", "source": source}}
-        boxes = [l for l in self._viewer.layers if (l.metadata or {}).get(ROLE_KEY) == {"role": "boxes", "source": source}]
-        if boxes:
-            boxes[0].data = boxes_t[0]
-            boxes[0].features = boxes_t[1]["features"]
-        else:
-            self._viewer.add_shapes(boxes_t[0], **boxes_t[1])
+        nuclei.features = labels_t[1]["features"]  # its pixels are the user's edits: keep them
+        nuclei.metadata = labels_t[1]["metadata"]
+        put_result_layer(self._viewer, *boxes_t)
         self._say(f"{len(seg.ids)} nuclei")
 
     def paint_new(self) -> None:

@@ -71,6 +71,19 @@ def _segment(rgb: np.ndarray, model_path: Path, device: str, mpp: float, cache: 
     return det, info, hematoxylin(rgb)
 
 
+def put_result_layer(viewer, data, kwargs: dict, layer_type: str) -> None:
+    """Update the layer with the same napari-bach role and source, or add it: results are
+    replaced, never stacked."""
+    role = kwargs["metadata"][ROLE_KEY]
+    for layer in viewer.layers:
+        if (layer.metadata or {}).get(ROLE_KEY) == role:
+            layer.data = data
+            layer.features = kwargs["features"]
+            layer.metadata = kwargs["metadata"]
+            return
+    getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+
+
 def wrap(label: Label) -> None:
     """Let a status label wrap to the dock's width and grow in height, never cut off."""
     from qtpy.QtWidgets import QSizePolicy
@@ -155,8 +168,10 @@ class SegmentWidget(Container):
         path = self.model.path()
         thresholds = recommended_thresholds(path) if path.is_file() else None
         if thresholds is not None:
-            self._score.value = thresholds[0]
-            self._nms.value = min(thresholds[1], self._nms.max)
+            with self._score.changed.blocked(), self._nms.changed.blocked():  # one refilter, not two
+                self._score.value = thresholds[0]
+                self._nms.value = min(thresholds[1], self._nms.max)
+            self.refilter()
 
     def _on_image_changed(self, layer) -> None:
         if layer is not None:
@@ -260,7 +275,7 @@ class SegmentWidget(Container):
             "score_threshold": float(self._score.value), "nms_iou": float(self._nms.value), "image_mpp": r["mpp"],
         }
         for data, kwargs, layer_type in result_layers(seg, r["source"], r["placement"], features, meta):
-            self._put_layer(data, kwargs, layer_type)
+            put_result_layer(self._viewer, data, kwargs, layer_type)
         r["count"] = len(seg.ids)
         if self.worker is None:
             self._status.value = self._count_text()
@@ -269,12 +284,3 @@ class SegmentWidget(Container):
         model_lines = self.result["info"].status.replace(", ", "\n")
         return f"{self.result['count']} nuclei\n{model_lines}"
 
-    def _put_layer(self, data, kwargs: dict, layer_type: str) -> None:
-        role = kwargs["metadata"][ROLE_KEY]
-        for layer in self._viewer.layers:
-            if (layer.metadata or {}).get(ROLE_KEY) == role:
-                layer.data = data
-                layer.features = kwargs["features"]
-                layer.metadata = kwargs["metadata"]
-                return
-        getattr(self._viewer, f"add_{layer_type}")(data, **kwargs)

@@ -18,6 +18,17 @@ from .metrics import nucleus_metrics, pooled_nucleus_metrics, roc_curve, tissue_
 SCORE_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
+def score_nuclei(model, samples: list[Sample], score_thresholds, nms_iou: float) -> dict[float, list[dict]]:
+    """Per-image nucleus metrics at each score threshold; the network runs once per image
+    and the thresholds only re-filter its cached candidates."""
+    out = {t: [] for t in score_thresholds}
+    for s in samples:
+        det = predict(s.image, model, s.mpp, tissue_trained=False)
+        for t in score_thresholds:
+            out[t].append(nucleus_metrics(s.labels, det.refilter(t, nms_iou).labels))
+    return out
+
+
 def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),
              score_threshold: float | None = None, nms_iou: float | None = None) -> dict:
     """Metrics of one model; nucleus images are segmented whole, at their own µm/px."""
@@ -26,17 +37,11 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
     score = cfg.default_score_threshold if score_threshold is None else score_threshold
     nms = cfg.default_nms_iou if nms_iou is None else nms_iou
     result = {"model": str(model_path), "model_status": info.status, "score_threshold": score, "nms_iou": nms}
-    per_image, sweep = [], {t: [] for t in SCORE_SWEEP}
-    for s in nuclei:
-        det = predict(s.image, model, s.mpp, tissue_trained=False)
-        m = nucleus_metrics(s.labels, det.refilter(score, nms).labels)
-        per_image.append({"image": s.name, **m})
-        for t in SCORE_SWEEP:  # re-filtering is cheap: the network ran once
-            sweep[t].append(nucleus_metrics(s.labels, det.refilter(t, nms).labels))
-    if per_image:
-        result["nuclei"] = pooled_nucleus_metrics(per_image)
-        result["nuclei_per_image"] = per_image
-        result["score_sweep"] = [{"score_threshold": t, **pooled_nucleus_metrics(ms)} for t, ms in sweep.items()]
+    if nuclei:
+        by_threshold = score_nuclei(model, nuclei, sorted({score, *SCORE_SWEEP}), nms)
+        result["nuclei"] = pooled_nucleus_metrics(by_threshold[score])
+        result["nuclei_per_image"] = [{"image": s.name, **m} for s, m in zip(nuclei, by_threshold[score])]
+        result["score_sweep"] = [{"score_threshold": t, **pooled_nucleus_metrics(by_threshold[t])} for t in SCORE_SWEEP]
     if tissue:
         if not info.tissue_trained:
             result["tissue"] = "not trained: this checkpoint's tissue head never saw tissue labels"

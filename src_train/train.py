@@ -25,7 +25,7 @@ from napari_bach.model import BachMaskRCNN, build_model
 
 from .augment import AugmentConfig, augment, jitter_colour, random_geometry
 from .datasets import Sample, instances_from_labels, rescale_sample
-from .metrics import nucleus_metrics, pooled_nucleus_metrics
+from .metrics import pooled_nucleus_metrics
 
 LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask", "loss_tissue")
 
@@ -77,14 +77,10 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 def validate(model: BachMaskRCNN, samples: list[Sample]) -> dict:
     """Nucleus metrics of the model on whole validation images at its default thresholds."""
-    from napari_bach.predict import predict
+    from .evaluate import score_nuclei
 
-    cfg = model.config
-    per_image = []
-    for s in samples:
-        det = predict(s.image, model, s.mpp, tissue_trained=False)
-        seg = det.refilter(cfg.default_score_threshold, cfg.default_nms_iou)
-        per_image.append(nucleus_metrics(s.labels, seg.labels))
+    score = model.config.default_score_threshold
+    per_image = score_nuclei(model, samples, [score], model.config.default_nms_iou)[score]
     model.train()
     return pooled_nucleus_metrics(per_image)
 

@@ -15,6 +15,7 @@ from napari.qt.threading import thread_worker
 
 from .anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, anchors_in_region, iter_proposals, make_generator
 from .checkpoint import CheckpointError
+from .edit import segmentation_from_labels
 from .layers import box_corners
 from ._widget import ModelCache, ModelPicker, layer_mpp, layer_rgb, wrap
 
@@ -45,15 +46,6 @@ def visible_region(viewer, layer) -> tuple[float, float, float, float]:
                           layer.world_to_data((cy + h / 2, cx + w / 2))[-2:])
     ih, iw = layer.data.shape[:2]
     return max(0.0, x0), max(0.0, y0), min(float(iw), x1), min(float(ih), y1)
-
-
-def label_boxes(layer) -> np.ndarray:
-    """Boxes (x0 y0 x1 y1, exclusive ends) of every object in a Labels layer."""
-    from scipy import ndimage
-
-    data = np.asarray(layer.data)
-    return np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop)
-                     for s in ndimage.find_objects(data) if s is not None], np.float32).reshape(-1, 4)
 
 
 class AnchorWidget(Container):
@@ -126,7 +118,7 @@ class AnchorWidget(Container):
             return
         levels = [LEVELS.index(v) for v in self._levels.value] or [0]
         nuclei = self._nuclei.value
-        gt = label_boxes(nuclei) if nuclei is not None else None
+        gt = segmentation_from_labels(np.asarray(nuclei.data)).boxes if nuclei is not None else None
         factor = layer_mpp(layer) / cfg.mpp
         boxes, colours, feats, counts, capped = [], [], {"level": [], "label": []}, {}, False
         per_region_cap = max(1, int(self._cap.value) // len(regions))

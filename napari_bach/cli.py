@@ -33,8 +33,9 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     import tifffile
 
     from .checkpoint import load_checkpoint
-    from .measure import COLUMNS, hematoxylin, measure_nuclei
+    from .measure import hematoxylin, measure_nuclei
     from .predict import predict
+    from .report import write_nuclei_csv
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,10 +58,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         seg = det.refilter(score, nms)
         table = measure_nuclei(seg, hematoxylin(data.rgb), image_mpp)
         tifffile.imwrite(out / f"{path.stem}_labels.tif", seg.labels.astype(np.int32), compression="zlib")
-        with open(out / f"{path.stem}_nuclei.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(COLUMNS)
-            writer.writerows(zip(*(np.round(table[c], 4) for c in COLUMNS)))
+        write_nuclei_csv(out / f"{path.stem}_nuclei.csv", table)
         row = {"image": str(path), "mpp": image_mpp, "nuclei": len(seg.ids), "tissue_class": "not trained"}
         if det.tissue_probs is not None:
             row["tissue_class"] = classes[int(np.argmax(det.tissue_probs))]

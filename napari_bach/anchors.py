@@ -18,8 +18,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from .model import BachMaskRCNN
-from .predict import Progress, _to_model_scale
-from .tiling import tile_grid
+from .predict import Progress, drain, run_tiled
 
 LEVELS = ("P2", "P3", "P4", "P5", "P6")  # FPN outputs "0", "1", "2", "3", "pool"
 POSITIVE, NEGATIVE, IGNORED = 1, 0, -1
@@ -34,8 +33,18 @@ def feature_sizes(height: int, width: int, divisible: int = 32) -> list[tuple[in
 
 
 def make_generator(sizes, ratios) -> AnchorGenerator:
+    """The model's anchor generator for other sizes/ratios; ValueError says what is wrong
+    (torchvision itself only asserts)."""
     sizes = tuple(tuple(float(s) for s in level) for level in sizes)
-    return AnchorGenerator(sizes, (tuple(float(r) for r in ratios),) * len(sizes))
+    ratios = tuple(float(r) for r in ratios)
+    if len(sizes) != len(LEVELS):
+        raise ValueError(f"anchor sizes need one group per FPN level: {len(LEVELS)} groups separated by spaces "
+                         f"({' '.join(LEVELS)}), got {len(sizes)}")
+    if not all(level for level in sizes) or min(min(level) for level in sizes) <= 0:
+        raise ValueError("anchor sizes must be positive numbers of model pixels")
+    if not ratios or min(ratios) <= 0:
+        raise ValueError("aspect ratios must be positive (height ÷ width, e.g. 0.5 1 2)")
+    return AnchorGenerator(sizes, (ratios,) * len(sizes))
 
 
 def level_anchors(generator: AnchorGenerator, height: int, width: int) -> list[torch.Tensor]:
@@ -59,13 +68,15 @@ def label_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, fg: float = 0.7
     return labels
 
 
-def _touching(a: torch.Tensor, b: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """Which boxes of ``a`` overlap any box of ``b`` (chunked: a BACH image has ~1.6M anchors)."""
+def _touching(a: torch.Tensor, b: torch.Tensor, chunk: int = 65536) -> Generator[Progress, None, torch.Tensor]:
+    """Which boxes of ``a`` overlap any box of ``b`` (chunked: a BACH image has ~1.6M
+    anchors); yields between chunks so a caller can report progress and cancel."""
     out = torch.zeros(len(a), dtype=torch.bool)
     for s in range(0, len(a), chunk):
         c = a[s:s + chunk, None]
         out[s:s + chunk] = ((c[..., 0] < b[:, 2]) & (c[..., 2] > b[:, 0]) & (c[..., 1] < b[:, 3])
                             & (c[..., 3] > b[:, 1])).any(1)
+        yield Progress(min(s + chunk, len(a)), len(a), f"matching {len(a)} boxes with {len(b)}")
     return out
 
 
@@ -79,16 +90,23 @@ class AnchorView:
     capped: bool = False
 
 
-def anchors_in_region(generator: AnchorGenerator, image_hw: tuple[int, int], factor: float,
-                      region: tuple[float, float, float, float], levels: list[int],
-                      gt_boxes: np.ndarray | None = None, fg: float = 0.7, bg: float = 0.3,
-                      max_drawn: int = 5000, seed: int = 0) -> AnchorView:
+def anchors_in_region(*args, **kwargs) -> AnchorView:
+    """:func:`iter_anchors_in_region` run to its end."""
+    return drain(iter_anchors_in_region(*args, **kwargs))
+
+
+def iter_anchors_in_region(generator: AnchorGenerator, image_hw: tuple[int, int], factor: float,
+                           region: tuple[float, float, float, float], levels: list[int],
+                           gt_boxes: np.ndarray | None = None, fg: float = 0.7, bg: float = 0.3,
+                           max_drawn: int = 5000, seed: int = 0) -> Generator[Progress, None, AnchorView]:
     """Anchors whose centre lies in ``region`` (image px, x0 y0 x1 y1) on the chosen levels.
 
     ``factor`` = image µm/px ÷ model µm/px. Labels use every level in the region, as the
-    RPN matches nuclei against all anchors; counts are exact, drawing is capped."""
+    RPN matches nuclei against all anchors; counts are exact, drawing is capped. Yields
+    progress between steps (a napari worker can cancel there)."""
     h, w = (max(1, round(s * factor)) for s in image_hw)
     x0, y0, x1, y1 = (c * factor for c in region)
+    yield Progress(0, 3, "anchor grid")
     per_level = level_anchors(generator, h, w)
     everywhere = torch.cat(per_level)
     lvl = torch.cat([torch.full((len(a),), i) for i, a in enumerate(per_level)])
@@ -97,16 +115,18 @@ def anchors_in_region(generator: AnchorGenerator, image_hw: tuple[int, int], fac
     boxes, lvl = everywhere[inside], lvl[inside]
     labels = None
     if gt_boxes is not None:
+        yield Progress(1, 3, f"labelling {len(boxes)} anchors")
         gt = torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4) * factor
         labels = torch.full((len(boxes),), NEGATIVE, dtype=torch.int8)  # IoU 0 with every nucleus
-        gt = gt[_touching(gt, boxes)]  # the only nuclei that can label anchors of this region
+        gt = gt[(yield from _touching(gt, boxes))]  # the only nuclei that can label anchors of this region
         if len(gt):
             # Match against every anchor of the image that touches them, as the RPN does:
             # a nucleus's "best anchor" may lie outside the region.
-            near = _touching(everywhere, gt)
+            near = yield from _touching(everywhere, gt)
             all_labels = torch.full((len(everywhere),), NEGATIVE, dtype=torch.int8)
             all_labels[near] = label_anchors(everywhere[near], gt, fg, bg)
             labels = all_labels[inside]
+    yield Progress(2, 3, "choosing anchors to draw")
     chosen = torch.isin(lvl, torch.tensor(levels))
     boxes, lvl = boxes[chosen], lvl[chosen]
     labels = labels[chosen] if labels is not None else None
@@ -120,6 +140,7 @@ def anchors_in_region(generator: AnchorGenerator, image_hw: tuple[int, int], fac
         pos = idx[labels.numpy() == POSITIVE] if labels is not None else idx[:0]
         rest = np.setdiff1d(idx, pos)
         idx = np.sort(np.concatenate([pos[:max_drawn], rng.choice(rest, max(0, max_drawn - len(pos)), replace=False)]))
+    yield Progress(3, 3, f"{len(idx)} of {len(boxes)} anchors to draw")
     return AnchorView((boxes[idx] / factor).numpy(), lvl[idx].numpy(),
                       None if labels is None else labels[idx].numpy(), counts, len(boxes), len(idx) < len(boxes))
 
@@ -130,42 +151,38 @@ class Proposals:
     scores: np.ndarray  # objectness (sigmoid)
 
 
-def iter_proposals(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float, region: tuple[int, int, int, int],
-                   k: int = 200, nms_iou: float = 0.7) -> Generator[Progress, None, tuple[Proposals, Proposals]]:
+def iter_proposals(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None,
+                   region: tuple[float, float, float, float], k: int = 200,
+                   nms_iou: float = 0.7) -> Generator[Progress, None, tuple[Proposals, Proposals]]:
     """Top-k RPN proposals in ``region`` (image px) before and after NMS, tile by tile."""
     cfg = model.config
-    factor = image_mpp / cfg.mpp
     x0, y0, x1, y1 = (int(round(c)) for c in region)
-    image = _to_model_scale(rgb[y0:y1, x0:x1], factor)
-    tiles = tile_grid(image.shape[-2], image.shape[-1], cfg.tile_size, cfg.tile_overlap)
-    model.eval()
-    all_boxes, all_scores = [], []
-    yield Progress(0, len(tiles), f"{len(tiles)} tiles")
-    for n, tile in enumerate(tiles):
-        crop = image[:, tile.y0:tile.y1, tile.x0:tile.x1]
-        with torch.inference_mode():
-            batch, _ = model.transform([crop])
-            feats = list(model.backbone(batch.tensors).values())
-            objectness, deltas = model.rpn.head(feats)
-            anchors = model.rpn.anchor_generator(batch, feats)[0]
-            objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-            boxes = model.rpn.box_coder.decode(deltas, [anchors]).view(-1, 4)
-            boxes = clip_boxes_to_image(boxes, batch.image_sizes[0])
-            scores = objectness.view(-1).sigmoid()
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError("the region is empty: zoom or pan so the image is in view, or draw a box")
+
+    def rpn(crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _ = model.transform([crop])
+        feats = list(model.backbone(batch.tensors).values())
+        objectness, deltas = model.rpn.head(feats)
+        anchors = model.rpn.anchor_generator(batch, feats)[0]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        boxes = clip_boxes_to_image(model.rpn.box_coder.decode(deltas, [anchors]).view(-1, 4), batch.image_sizes[0])
+        scores = objectness.view(-1).sigmoid()
         top = scores.topk(min(cfg.rpn_pre_nms_test, len(scores))).indices
-        boxes, scores = boxes[top], scores[top]
-        boxes = boxes + torch.tensor([tile.x0, tile.y0, tile.x0, tile.y0], dtype=boxes.dtype)
-        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-        own = torch.tensor([tile.owns(float(cy), float(cx)) for cx, cy in centre.tolist()], dtype=torch.bool)
+        return boxes[top], scores[top]
+
+    geometry, outputs = yield from run_tiled(rgb[y0:y1, x0:x1], model, image_mpp, rpn)
+    all_boxes, all_scores = [torch.zeros(0, 4)], [torch.zeros(0)]
+    for tile, (boxes, scores), _ in outputs:
+        boxes, own = geometry.to_image(boxes, tile)
         all_boxes.append(boxes[own])
-        all_scores.append(scores[own])
-        yield Progress(n + 1, len(tiles), f"tile {n + 1}/{len(tiles)}")
+        all_scores.append(scores.cpu()[own])
     boxes, scores = torch.cat(all_boxes), torch.cat(all_scores)
     order = scores.argsort(descending=True)
     after = nms(boxes, scores, nms_iou)[:k]
     offset = np.array([x0, y0, x0, y0], np.float32)
 
     def to_image(idx) -> Proposals:
-        return Proposals((boxes[idx] / factor).numpy() + offset, scores[idx].numpy())
+        return Proposals(boxes[idx].numpy() + offset, scores[idx].numpy())
 
     return to_image(order[:k]), to_image(after)

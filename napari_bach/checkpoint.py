@@ -5,6 +5,7 @@ all, so the plugin never presents random weights or an untrained tissue head as 
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import zipfile
@@ -71,15 +72,16 @@ def save_checkpoint(path: str | Path, model: BachMaskRCNN, info: ModelInfo, half
     return path
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Load and validate the raw payload; raises :class:`CheckpointError` with the reason."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """Load and validate the raw payload; raises :class:`CheckpointError` with the reason.
+    ``mmap`` leaves the tensors on disk until touched (for reading the config only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path.name}: not a PyTorch checkpoint (truncated or another file type)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         raise CheckpointError(f"{path.name}: cannot be loaded ({exc.__class__.__name__}: {str(exc)[:200]})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -116,10 +118,23 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[BachMaskRCNN
     return model.to(device).eval(), info
 
 
-def recommended_thresholds(path: str | Path) -> tuple[float, float] | None:
-    """The model's own score threshold and NMS IoU (chosen on validation), or None if unreadable."""
+def read_config(path: str | Path) -> ModelConfig:
+    """A checkpoint's config without reading its weights (memory-mapped load)."""
+    payload = read_checkpoint(path, mmap=True)
     try:
-        cfg = ModelConfig.from_dict(read_checkpoint(path)["config"])
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        return None
-    return cfg.default_score_threshold, cfg.default_nms_iou
+        return ModelConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{Path(path).name}: invalid config ({exc})") from exc
+
+
+def cached_model(path: str | Path, device: str = "cpu") -> tuple[BachMaskRCNN, ModelInfo]:
+    """One loaded copy per checkpoint file and device, shared by every widget and run (as
+    stardist-napari's ``get_model``); a file rewritten on disk is loaded afresh."""
+    path = Path(path).resolve()
+    stamp = path.stat().st_mtime_ns if path.is_file() else 0
+    return _cached(str(path), stamp, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(path: str, stamp: int, device: str) -> tuple[BachMaskRCNN, ModelInfo]:
+    return load_checkpoint(path, device)

@@ -1,76 +1,138 @@
 """Command line: ``python -m napari_bach view|segment``.
 
-``view`` opens napari with an image (default: the built-in sample) and the Segment nuclei
-widget; ``segment`` is the headless batch mode, using the same core as the widget.
+view     open napari with an image (default: the built-in sample) and the Segment widget
+segment  segment images headlessly with the same core as the widget
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .checkpoint import DEFAULT_MODEL
+from .config import Thresholds
 from .imageio import IMAGE_SUFFIXES, ImageReadError, read_image
+from .pixelsize import check_mpp, resolve_mpp
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _images(inputs: list[str]) -> list[Path]:
-    paths = []
+class OutputClash(ValueError):
+    """Two inputs would write the same output files."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input image and where its outputs go (its path relative to the folder given,
+    so ``a/x.png`` and ``b/x.png`` never write the same files)."""
+
+    path: Path
+    relative: Path
+
+    def output(self, out: Path, suffix: str) -> Path:
+        return out / self.relative.parent / f"{self.relative.stem}{suffix}"
+
+
+def find_jobs(inputs: list[str]) -> list[Job]:
+    """Images in the files and folders given (folders searched recursively), each once."""
+    jobs, seen = [], set()
     for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            paths.append(item)
-    return paths
+        found = ([Job(p, p.relative_to(item)) for p in sorted(item.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+                 if item.is_dir() else [Job(item, Path(item.name))])
+        for job in found:
+            key = job.path.resolve()
+            if key not in seen:
+                seen.add(key)
+                jobs.append(job)
+    return jobs
 
 
-def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = DEFAULT_MODEL, mpp: float | None = None,
-                  score_threshold: float | None = None, nms_iou: float | None = None, device: str = "cpu",
-                  log=print) -> Path:
-    """Segment every image; write ``<stem>_labels.tif``, ``<stem>_nuclei.csv`` and ``summary.csv``."""
-    import tifffile
+def output_collisions(jobs: list[Job]) -> list[list[Path]]:
+    """Groups of inputs that would write the same output files (same folder and stem)."""
+    by_output: dict[Path, list[Path]] = {}
+    for job in jobs:
+        by_output.setdefault(job.relative.parent / job.relative.stem, []).append(job.path)
+    return [paths for paths in by_output.values() if len(paths) > 1]
+
+
+def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = DEFAULT_MODEL,
+                  mpp: float | None = None, thresholds: Thresholds = Thresholds(), device: str = "cpu",
+                  log: Callable[[str], None] = print, progress: bool = False) -> tuple[Path, int]:
+    """Segment every image; write ``<stem>_labels.tif`` and ``<stem>_nuclei.csv`` beside
+    the input's relative path under ``out``, and ``summary.csv``. ``mpp`` is used for images
+    whose file does not say. Returns the summary path and the number of inputs that failed.
+    Raises :class:`OutputClash` before any work when two inputs would write the same files."""
+    from tqdm import tqdm
 
     from .checkpoint import load_checkpoint
+    from .export import write_labels_tiff
     from .measure import hematoxylin, measure_nuclei
     from .predict import predict
     from .report import write_nuclei_csv
 
+    jobs = find_jobs(inputs)
+    clashes = output_collisions(jobs)
+    if clashes:
+        names = "; ".join(" and ".join(map(str, group)) for group in clashes)
+        raise OutputClash(f"these inputs would write the same output files: {names}. Rename one, or segment them "
+                         "into different --out folders")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, info = load_checkpoint(model_path, device)
     cfg = model.config
-    score = cfg.default_score_threshold if score_threshold is None else score_threshold
-    nms = cfg.default_nms_iou if nms_iou is None else nms_iou
-    log(f"model: {info.status}")
+    limits = thresholds.resolve(cfg)
+    log(f"model: {info.status}; score ≥ {limits.score:g}, NMS IoU {limits.nms_iou:g}")
     classes = list(cfg.tissue_classes)
-    summary_rows = []
-    for path in _images(inputs):
+    rows, failed = [], 0
+    images = tqdm(jobs, desc="images", unit="image", disable=not progress, position=0)
+    for n, job in enumerate(images, start=1):
         try:
-            data = read_image(path)
+            data = read_image(job.path)
         except ImageReadError as exc:
-            log(f"skipped: {exc}")
-            summary_rows.append({"image": str(path), "error": str(exc)})
+            log(f"[{n}/{len(jobs)}] skipped: {exc}")
+            rows.append({"image": str(job.path), "error": str(exc)})
+            failed += 1
             continue
-        image_mpp = mpp or data.mpp or cfg.mpp
-        det = predict(data.rgb, model, image_mpp, tissue_trained=info.tissue_trained)
-        seg = det.refilter(score, nms)
-        table = measure_nuclei(seg, hematoxylin(data.rgb), image_mpp)
-        tifffile.imwrite(out / f"{path.stem}_labels.tif", seg.labels.astype(np.int32), compression="zlib")
-        write_nuclei_csv(out / f"{path.stem}_nuclei.csv", table)
-        row = {"image": str(path), "mpp": image_mpp, "nuclei": len(seg.ids), "tissue_class": "not trained"}
+        for note in data.notices:
+            log(f"[{n}/{len(jobs)}] {job.path.name}: {note}")
+        pixel_size = data.pixel_size if data.pixel_size.known else resolve_mpp(fallback=mpp)
+        if not pixel_size.known:
+            log(f"[{n}/{len(jobs)}] {job.path.name}: µm/px unknown, ran as if at the model's {cfg.mpp:g} µm/px; "
+                "sizes in pixels only (give --mpp)")
+        tiles = tqdm(desc=job.path.name, unit="tile", disable=not progress, position=1, leave=False)
+
+        def tick(step, bar=tiles):
+            bar.total = step.total
+            bar.n = step.done
+            bar.refresh()
+
+        det = predict(data.rgb, model, pixel_size, tissue_trained=info.tissue_trained, progress=tick)
+        tiles.close()
+        seg = det.refilter(limits.score, limits.nms_iou).consecutive()
+        table = measure_nuclei(seg, hematoxylin(data.rgb))
+        job.output(out, "").parent.mkdir(parents=True, exist_ok=True)
+        write_labels_tiff(job.output(out, "_labels.tif"), seg.labels, pixel_size.mpp)
+        write_nuclei_csv(job.output(out, "_nuclei.csv"), table)
+        row = {"image": str(job.path), "mpp": pixel_size.mpp or "", "mpp_source": pixel_size.source,
+               "nuclei": len(seg.ids), "tissue_class": "not trained"}
         if det.tissue_probs is not None:
             row["tissue_class"] = classes[int(np.argmax(det.tissue_probs))]
             row.update({f"p_{c}": round(float(p), 4) for c, p in zip(classes, det.tissue_probs)})
-        summary_rows.append(row)
-        log(f"{path.name}: {len(seg.ids)} nuclei, tissue class {row['tissue_class']}")
-    fields = ["image", "mpp", "nuclei", "tissue_class", *[f"p_{c}" for c in classes], "error"]
+        rows.append(row)
+        log(f"[{n}/{len(jobs)}] {job.path.name}: {len(seg.ids)} nuclei, {pixel_size.describe()}, "
+            f"tissue class {row['tissue_class']}")
+    fields = ["image", "mpp", "mpp_source", "nuclei", "tissue_class", *[f"p_{c}" for c in classes], "error"]
     with open(out / "summary.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         writer.writeheader()
-        writer.writerows(summary_rows)
-    return out / "summary.csv"
+        writer.writerows(rows)
+    log(f"{len(jobs) - failed} of {len(jobs)} images segmented, {failed} failed; summary: {out / 'summary.csv'}")
+    return out / "summary.csv", failed
 
 
 def view(image: str | None, segment: bool, screenshot: str | None = None) -> None:
@@ -101,31 +163,88 @@ def view(image: str | None, segment: bool, screenshot: str | None = None) -> Non
     napari.run()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m napari_bach", description=__doc__)
+# -- argument types: a bad value is an argparse error (exit 2, one line), not a traceback --
+def _mpp(text: str) -> float:
+    try:
+        return check_mpp(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _score(text: str) -> float:
+    try:
+        return Thresholds(score=float(text)).score
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _iou(text: str) -> float:
+    try:
+        return Thresholds(nms_iou=float(text)).nms_iou
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _device(text: str) -> str:
+    from .predict import available_devices
+
+    devices = available_devices()
+    if text not in devices:
+        known = "a device name such as cpu, cuda or mps" if text not in ("cuda", "mps") else "not available here"
+        raise argparse.ArgumentTypeError(f"{text!r} is {known}; this machine has: {', '.join(devices)}")
+    return text
+
+
+def _out_folder(text: str) -> str:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m napari_bach", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("view", help="open napari with an image (default: the sample) and the widget")
-    v.add_argument("image", nargs="?")
+    v.add_argument("image", nargs="?", help="image file to open (default: the built-in synthetic sample)")
     v.add_argument("--segment", action="store_true", help="segment right away with the default model")
-    v.add_argument("--screenshot", help="segment, save a window screenshot to this PNG and quit")
-    s = sub.add_parser("segment", help="segment images headlessly")
-    s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
-    s.add_argument("--out", required=True)
-    s.add_argument("--model", default=str(DEFAULT_MODEL))
-    s.add_argument("--mpp", type=float, default=None, help="µm/px of the inputs (default: from the file, BACH 0.42)")
-    s.add_argument("--score-threshold", type=float, default=None)
-    s.add_argument("--nms-iou", type=float, default=None)
-    s.add_argument("--device", default="cpu")
+    v.add_argument("--screenshot", metavar="PNG", help="segment, save a window screenshot to this PNG and quit")
+    s = sub.add_parser("segment", help="segment images headlessly",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Writes OUT/<relative path>_labels.tif (int32 labels with µm/px tags), "
+                                   "OUT/<relative path>_nuclei.csv and OUT/summary.csv. Exit code 1 when any "
+                                   "input could not be read, 2 for wrong arguments or model.")
+    s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (searched recursively)")
+    s.add_argument("--out", required=True, type=_out_folder, help="output folder (created if missing)")
+    s.add_argument("--model", default=str(DEFAULT_MODEL), help="napari-bach checkpoint (default: the shipped model)")
+    s.add_argument("--mpp", type=_mpp, default=None,
+                   help="µm/px for images whose file does not record it (TIFF tags or a BACH name win); "
+                        "without it such images are measured in pixels")
+    s.add_argument("--score-threshold", type=_score, default=None,
+                   help="keep nuclei scoring at least this (0–1; default: the model's own)")
+    s.add_argument("--nms-iou", type=_iou, default=None,
+                   help="overlap above which the weaker of two nuclei is dropped (default: the model's own)")
+    s.add_argument("--device", type=_device, default="cpu", help="cpu, or cuda/mps where present")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "view":
+        if args.image and not Path(args.image).is_file():
+            print(f"error: {args.image}: no such file", file=sys.stderr)
+            return EXIT_USAGE
         view(args.image, args.segment, args.screenshot)
-        return 0
+        return EXIT_OK
     from .checkpoint import CheckpointError
 
     try:
-        segment_files(args.inputs, args.out, args.model, args.mpp, args.score_threshold, args.nms_iou, args.device,
-                      log=lambda m: print(m, file=sys.stderr))
-    except CheckpointError as exc:
+        _, failed = segment_files(args.inputs, args.out, args.model, args.mpp,
+                                  Thresholds(args.score_threshold, args.nms_iou), args.device,
+                                  log=lambda m: print(m, file=sys.stderr), progress=sys.stderr.isatty())
+    except (CheckpointError, OutputClash) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    return EXIT_FAILED if failed else EXIT_OK

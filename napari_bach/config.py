@@ -5,7 +5,7 @@ head widths, anchors, the µm/px it works at and the normalisation it was traine
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 BACH_CLASSES: tuple[str, ...] = ("Normal", "Benign", "InSitu", "Invasive")
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101")
@@ -42,6 +42,7 @@ class ModelConfig:
     candidate_score: float = 0.05
     candidate_nms: float = 0.7
     max_candidates_per_tile: int = 1000
+    # The model's own thresholds, chosen on validation (see Thresholds).
     default_score_threshold: float = 0.5
     default_nms_iou: float = 0.5
     # Working scale and tiling.
@@ -87,3 +88,27 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Score threshold and NMS IoU applied to a model's cached candidates.
+
+    ``None`` means the model's own default (``ModelConfig.default_score_threshold`` and
+    ``default_nms_iou``, chosen on validation); :meth:`resolve` fills them in. Scores
+    below the model's ``candidate_score`` floor and NMS IoU above its ``candidate_nms``
+    were never cached, so they are clamped to what re-filtering can honour."""
+
+    score: float | None = None
+    nms_iou: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.score is not None and not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"score threshold must be between 0 and 1, got {self.score:g}")
+        if self.nms_iou is not None and not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"NMS IoU must be above 0 and at most 1, got {self.nms_iou:g}")
+
+    def resolve(self, config: ModelConfig) -> "Thresholds":
+        score = config.default_score_threshold if self.score is None else self.score
+        nms_iou = config.default_nms_iou if self.nms_iou is None else self.nms_iou
+        return Thresholds(max(score, config.candidate_score), min(nms_iou, config.candidate_nms))

@@ -2,16 +2,26 @@
 
 The network runs once; score threshold and NMS IoU are applied here to the cached
 candidates, which is why the sliders in the widget respond without re-running the model.
+
+Each candidate keeps one label id for good (its index + 1), so a slider step only makes
+nuclei appear or disappear (their colours stay), and the user's edits, recorded by id in
+:class:`~napari_bach.edit.Edits`, survive every re-filter.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.ops import nms
 
+from .config import BACH_CLASSES
 from .paste import paste_labels
+from .pixelsize import PixelSize
+
+if TYPE_CHECKING:
+    from .edit import Edits
 
 
 @dataclass
@@ -21,7 +31,15 @@ class Segmentation:
     labels: np.ndarray  # H×W int32, 0 = background
     ids: np.ndarray  # label id of each row
     boxes: np.ndarray  # K×4 x0 y0 x1 y1 (image pixels)
-    scores: np.ndarray  # K
+    scores: np.ndarray  # K (NaN for nuclei drawn by hand)
+    pixel_size: PixelSize = PixelSize(None)
+
+    def consecutive(self) -> "Segmentation":
+        """The same nuclei numbered 1..K in row order, for files other tools read."""
+        lut = np.zeros(int(self.labels.max(initial=0)) + 1, np.int32)
+        new_ids = np.arange(1, len(self.ids) + 1, dtype=np.int64)
+        lut[self.ids] = new_ids
+        return Segmentation(lut[self.labels], new_ids, self.boxes, self.scores, self.pixel_size)
 
 
 @dataclass
@@ -35,7 +53,8 @@ class Detections:
     crops: list[np.ndarray]  # N boolean crops
     tissue_probs: np.ndarray | None = None  # per class, None when the head is untrained
     candidate_nms: float = 1.0  # NMS already applied to the candidates
-    meta: dict = field(default_factory=dict)
+    pixel_size: PixelSize = PixelSize(None)  # of the image the candidates are in
+    classes: tuple[str, ...] = BACH_CLASSES  # order of tissue_probs
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -50,20 +69,21 @@ class Detections:
             return idx[keep.numpy()]
         return idx[np.argsort(-self.scores[idx], kind="stable")]
 
-    def refilter(self, score_threshold: float, nms_iou: float) -> Segmentation:
-        """Labels and boxes for new thresholds, without running the network."""
+    def refilter(self, score_threshold: float, nms_iou: float, edits: Edits | None = None) -> Segmentation:
+        """Labels and boxes for new thresholds, without running the network.
+
+        With ``edits``, nuclei the user deleted or redrew stay as the user left them, and
+        hand-drawn nuclei are pasted over the model's."""
         order = self.select(score_threshold, nms_iou)
+        if edits is not None and edits.removed:
+            order = order[~np.isin(order + 1, np.fromiter(edits.removed, np.int64))]
         labels = paste_labels(self.image_shape, self.offsets, self.crops, order)
-        present = np.zeros(len(order) + 1, bool)
-        present[np.unique(labels)] = True
-        visible = present[1:]  # drop candidates whose mask was empty or fully covered
-        order = order[visible]
-        if not visible.all():  # renumber so ids stay consecutive
-            lut = np.zeros(len(visible) + 1, np.int32)
-            lut[1:][visible] = np.arange(1, len(order) + 1)
-            labels = lut[labels]
-        ids = np.arange(1, len(order) + 1)
-        return Segmentation(labels, ids, self.boxes[order], self.scores[order])
+        ids, boxes, scores = order + 1, self.boxes[order], self.scores[order]
+        if edits is not None and edits.drawn:
+            ids, boxes, scores = edits.paste_onto(labels, ids, boxes, scores)
+        present = np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1) > 0
+        visible = present[ids]  # drop candidates whose mask was empty or fully covered
+        return Segmentation(labels, ids[visible], boxes[visible], scores[visible], self.pixel_size)
 
     @classmethod
     def concatenate(cls, parts: list["Detections"], image_shape: tuple[int, int], **kw) -> "Detections":

@@ -44,6 +44,17 @@ def validate_labels(labels: np.ndarray, image_shape: tuple[int, ...]) -> np.ndar
     return labels.astype(np.int32)
 
 
+def write_labels_tiff(path: str | Path, labels: np.ndarray, mpp: float | None) -> Path:
+    """int32 instance labels, zlib-compressed, with µm/px in the resolution tags so QuPath
+    and Fiji open them at scale."""
+    import tifffile
+
+    from .pixelsize import tiff_resolution
+
+    tifffile.imwrite(path, np.asarray(labels, np.int32), compression="zlib", **tiff_resolution(mpp))
+    return Path(path)
+
+
 def rle_in_box(crop: np.ndarray, y0: int, x0: int, shape: tuple[int, int]) -> list[int]:
     """COCO uncompressed RLE (column-major, starting with background) of a mask that lies
     inside the box at (y0, x0), computed from the crop only."""
@@ -104,7 +115,6 @@ def export_sample(root: str | Path, name: str, rgb: np.ndarray, labels: np.ndarr
     ``on_exists``: ``"error"`` raises :class:`SampleExistsError`, ``"version"`` writes
     ``name_v2``, ``name_v3``…, ``"replace"`` replaces it (an explicit user choice).
     """
-    import tifffile
     from PIL import Image
 
     root = Path(root)
@@ -125,7 +135,7 @@ def export_sample(root: str | Path, name: str, rgb: np.ndarray, labels: np.ndarr
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
     try:
         Image.fromarray(rgb).save(tmp / "image.png")
-        tifffile.imwrite(tmp / "labels.tif", labels, compression="zlib")
+        write_labels_tiff(tmp / "labels.tif", labels, mpp)
         coco = coco_annotations(labels, mpp, tissue_class, "image.png")
         (tmp / "annotations.json").write_text(json.dumps(coco))
         info = {"format": FORMAT, "version": VERSION, "mpp": mpp, "tissue_class": tissue_class,

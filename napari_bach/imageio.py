@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from .config import BACH_CLASSES
+from .pixelsize import PixelSize, resolve_mpp, tiff_tag_mpp
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-BACH_MPP = 0.42
 _BACH_PREFIX = {"n": "Normal", "b": "Benign", "is": "InSitu", "iv": "Invasive"}
 _BACH_NAME = re.compile(r"^(iv|is|n|b)\d+$", re.IGNORECASE)
 
@@ -26,10 +26,14 @@ class ImageReadError(ValueError):
 @dataclass
 class ImageData:
     rgb: np.ndarray
-    mpp: float | None = None
+    pixel_size: PixelSize = PixelSize(None)
     tissue_class: str | None = None
     notices: list[str] = field(default_factory=list)
     path: str | None = None
+
+    @property
+    def mpp(self) -> float | None:
+        return self.pixel_size.mpp
 
 
 def bach_class_from_path(path: str | Path) -> str | None:
@@ -61,42 +65,24 @@ def to_rgb_uint8(array: np.ndarray, notices: list[str] | None = None) -> np.ndar
     elif a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     elif np.issubdtype(a.dtype, np.integer):
-        notes.append(f"{a.dtype} image scaled to 8 bits")
-        top = 65535 if a.max() > 255 else 255
-        a = np.clip(a.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        # Scale by the bit depth the data uses (12-bit cameras write 16-bit files), not the type's.
+        bits = max(8, int(np.ceil(np.log2(max(int(a.max()), 1) + 1))))
+        top = 2**bits - 1
+        notes.append(f"{a.dtype} image with {bits}-bit data (max {int(a.max())}) scaled to 8 bits by {top}")
+        a = np.clip(a.astype(np.float32) * (255.0 / top), 0, 255).round().astype(np.uint8)
     elif np.issubdtype(a.dtype, np.floating):
         notes.append(f"{a.dtype} image scaled to 8 bits")
         scale = 255.0 if np.nanmax(a) <= 1.0 else 1.0
         a = np.clip(np.nan_to_num(a) * scale, 0, 255).round().astype(np.uint8)
     else:
         raise ImageReadError(f"unsupported pixel type {a.dtype}")
+    if a.shape[-1] == 4 and (a[..., 3] == 255).all():
+        a = a[..., :3]  # opaque: nothing to composite
     if a.shape[-1] == 4:
         notes.append("alpha channel composited on white")
         alpha = a[..., 3:4].astype(np.float32) / 255.0
         a = (a[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
     return np.ascontiguousarray(a)
-
-
-def _tiff_mpp(tif) -> float | None:
-    page = tif.pages[0]
-    desc = page.description or ""
-    found = re.search(r"MPP\s*=\s*([0-9.]+)", desc)
-    if found:
-        return float(found.group(1))
-    tags = page.tags
-    if "XResolution" not in tags:
-        return None
-    num, den = tags["XResolution"].value
-    unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 2
-    if not num or not den:
-        return None
-    per_unit = num / den
-    microns = {2: 25400.0, 3: 10000.0}.get(int(unit))
-    if microns is None:
-        return None
-    mpp = microns / per_unit
-    # 72/96/300 dpi defaults are screen/print settings, not a microscope's pixel size.
-    return mpp if 0.05 <= mpp <= 5.0 else None
 
 
 def read_image(path: str | Path) -> ImageData:
@@ -106,30 +92,35 @@ def read_image(path: str | Path) -> ImageData:
         raise ImageReadError(f"{path}: no such file")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ImageReadError(f"{path.name}: unsupported file type (use {', '.join(IMAGE_SUFFIXES)})")
-    mpp = None
+    tags = None
+    notices: list[str] = []
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
                 raw = tif.pages[0].asarray()
-                mpp = _tiff_mpp(tif)
+                tags = tiff_tag_mpp(tif)
+                if len(tif.pages) > 1:
+                    notices.append(f"multi-page TIFF: read page 1 of {len(tif.pages)} "
+                                   f"({raw.shape[1]}×{raw.shape[0]} px, the first and full-resolution page)")
         else:
             from PIL import Image
 
             with Image.open(path) as im:
                 im.load()
+                if im.mode in ("CMYK", "YCbCr", "LAB", "HSV", "P", "PA"):
+                    # CMYK's K would otherwise be read as alpha; Pillow knows each mode's maths.
+                    notices.append(f"{im.mode} image converted to RGB")
+                    im = im.convert("RGBA" if im.mode in ("P", "PA") else "RGB")
                 raw = np.asarray(im)
     except ImageReadError:
         raise
     except Exception as exc:  # every decoder has its own exception types
         raise ImageReadError(f"{path.name}: cannot be read as an image ({exc.__class__.__name__}: {exc})") from exc
-    notices: list[str] = []
     try:
         rgb = to_rgb_uint8(raw, notices)
     except ImageReadError as exc:
         raise ImageReadError(f"{path.name}: {exc}") from exc
-    tissue = bach_class_from_path(path)
-    if mpp is None and tissue is not None:
-        mpp = BACH_MPP
-    return ImageData(rgb=rgb, mpp=mpp, tissue_class=tissue, notices=notices, path=str(path))
+    return ImageData(rgb=rgb, pixel_size=resolve_mpp(tags=tags, path=path), tissue_class=bach_class_from_path(path),
+                     notices=notices, path=str(path))

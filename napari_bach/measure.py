@@ -7,44 +7,53 @@ from skimage.measure import regionprops_table
 
 from .detections import Segmentation
 
-COLUMNS = ("index", "score", "area_um2", "perimeter_um", "eccentricity", "mean_hematoxylin",
-           "centroid_y", "centroid_x", "box_x0", "box_y0", "box_x1", "box_y1")
+COLUMNS = ("index", "score", "area_um2", "perimeter_um", "area_px", "perimeter_px", "eccentricity",
+           "mean_hematoxylin", "centroid_y", "centroid_x", "box_x0", "box_y0", "box_x1", "box_y1")
+
+
+BAND_ROWS = 256  # rows per pass: temporaries stay small whatever the image size
 
 
 def hematoxylin(rgb: np.ndarray) -> np.ndarray:
-    """Hematoxylin optical density from colour deconvolution (Ruifrok & Johnston)."""
-    return rgb2hed(rgb)[..., 0].astype(np.float32)
+    """Hematoxylin optical density from colour deconvolution (Ruifrok & Johnston), float32,
+    computed band by band (skimage works in float64: 24 bytes a pixel at once otherwise)."""
+    out = np.empty(rgb.shape[:2], np.float32)
+    for y in range(0, rgb.shape[0], BAND_ROWS):
+        out[y : y + BAND_ROWS] = rgb2hed(rgb[y : y + BAND_ROWS])[..., 0]
+    return out
 
 
 def _moments(labels: np.ndarray, ids: np.ndarray, hema: np.ndarray) -> dict[str, np.ndarray]:
-    """Area, centroid, mean intensity and eccentricity of every id in one pass of
-    ``np.bincount`` (skimage's per-region loop is the slow part of a slider move)."""
-    flat = labels.ravel()
-    fg = np.flatnonzero(flat)
-    lab = flat[fg]
+    """Area, centroid, mean intensity and eccentricity of every id from sums gathered with
+    ``np.bincount`` band by band (fast, and memory does not grow with the image)."""
     n = int(ids.max()) + 1
-    rows, cols = np.divmod(fg, labels.shape[1])
-
-    def total(weights=None):
-        return np.bincount(lab, weights, minlength=n)[ids]
-
-    area = total()
+    sums = np.zeros((7, n))
+    width = labels.shape[1]
+    for y in range(0, labels.shape[0], BAND_ROWS):
+        band = labels[y : y + BAND_ROWS].ravel()
+        fg = np.flatnonzero(band)
+        if fg.size == 0:
+            continue
+        lab = band[fg]
+        rows, cols = np.divmod(fg, width)
+        rows = rows + y
+        h = hema[y : y + BAND_ROWS].ravel()[fg]
+        for k, weights in enumerate((None, rows, cols, rows * rows, cols * cols, rows * cols, h)):
+            sums[k] += np.bincount(lab, weights, minlength=n)
+    area, sy, sx, syy, sxx, sxy, sh = sums[:, ids]
     safe = np.maximum(area, 1)
-    cy, cx = total(rows) / safe, total(cols) / safe
-    vy = total(rows.astype(np.float64) ** 2) / safe - cy**2
-    vx = total(cols.astype(np.float64) ** 2) / safe - cx**2
-    cov = total(rows.astype(np.float64) * cols) / safe - cy * cx
+    cy, cx = sy / safe, sx / safe
+    vy, vx, cov = syy / safe - cy**2, sxx / safe - cx**2, sxy / safe - cy * cx
     half_diff = np.sqrt(((vy - vx) / 2) ** 2 + cov**2)
     big, small = (vy + vx) / 2 + half_diff, (vy + vx) / 2 - half_diff
     ecc = np.sqrt(np.clip(1 - np.divide(small, big, out=np.ones_like(big), where=big > 1e-12), 0, 1))
-    return {"area": area, "centroid_y": cy, "centroid_x": cx, "eccentricity": ecc,
-            "intensity_mean": total(hema.ravel()[fg].astype(np.float64)) / safe}
+    return {"area": area, "centroid_y": cy, "centroid_x": cx, "eccentricity": ecc, "intensity_mean": sh / safe}
 
 
-def measure_nuclei(seg: Segmentation, hema: np.ndarray, mpp: float | None) -> dict[str, np.ndarray]:
-    """One row per nucleus of ``seg`` (same order as ``seg.ids``); µm units when mpp is
-    known, pixels otherwise (then areas are px² and lengths px)."""
-    unit = mpp or 1.0
+def measure_nuclei(seg: Segmentation, hema: np.ndarray) -> dict[str, np.ndarray]:
+    """One row per nucleus of ``seg`` (same order as ``seg.ids``): sizes in pixels, and in
+    µm at the result's own µm/px (NaN when that is unknown, never a guess)."""
+    unit = seg.pixel_size.mpp or np.nan
     if len(seg.ids) == 0:
         return {c: np.zeros(0) for c in COLUMNS}
     m = _moments(seg.labels, seg.ids, hema)
@@ -56,6 +65,8 @@ def measure_nuclei(seg: Segmentation, hema: np.ndarray, mpp: float | None) -> di
         "score": seg.scores.astype(np.float32),
         "area_um2": m["area"] * unit**2,
         "perimeter_um": perimeter[seg.ids] * unit,
+        "area_px": m["area"],
+        "perimeter_px": perimeter[seg.ids],
         "eccentricity": m["eccentricity"],
         "mean_hematoxylin": m["intensity_mean"],
         "centroid_y": m["centroid_y"],

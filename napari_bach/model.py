@@ -176,7 +176,3 @@ def load_pretrained(model: BachMaskRCNN, source: str) -> int:
     matched = {k[len(prefix):]: v for k, v in state.items() if k[len(prefix):] in own and own[k[len(prefix):]].shape == v.shape}
     target.load_state_dict(matched, strict=False)
     return len(matched)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -48,16 +48,15 @@ def mask_crops(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int,
 
 
 def paste_labels(shape: tuple[int, int], offsets: np.ndarray, crops: list[np.ndarray],
-                 order: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
-    """Paste crops in ``order`` into one int32 label image; earlier crops keep contested
-    pixels (pass them best-first). Crop ``order[k]`` gets id ``ids[k]`` (default k + 1)."""
+                 order: np.ndarray) -> np.ndarray:
+    """Paste crops in ``order`` into one int32 label image, crop ``i`` as label ``i + 1``;
+    earlier crops keep contested pixels (pass them best-first)."""
     labels = np.zeros(shape, np.int32)
-    ids = np.arange(1, len(order) + 1) if ids is None else ids
-    for k, i in enumerate(order):
+    for i in order:
         crop = crops[i]
         if crop.size == 0:
             continue
         y0, x0 = offsets[i]
         region = labels[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
-        region[crop & (region == 0)] = ids[k]
+        region[crop & (region == 0)] = i + 1
     return labels

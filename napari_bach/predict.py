@@ -1,14 +1,19 @@
 """Tiled prediction of whole images at the model's µm/px.
 
+:func:`run_tiled` is the one tile loop: it owns image→model geometry (rescale to the
+model's µm/px, glass padding, overlapping tiles) and model→image geometry (tile offset,
+core ownership, scale back), as torchvision's ``GeneralizedRCNNTransform`` owns resize
+and ``postprocess``. Prediction and the RPN inspector both run on it.
+
 ``iter_predict`` is a generator: it yields a :class:`Progress` after every tile and
 returns the :class:`Detections`. A napari ``thread_worker`` can therefore report progress
-and cancel between tiles (``worker.quit()``) with no extra plumbing; ``predict`` runs it
-to completion for the command line, training validation and tests.
+and cancel between tiles (``worker.quit()``); :func:`drain` runs any such generator to
+its end for the command line, training validation and tests.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generator
+from typing import Callable, Generator, TypeVar
 
 import numpy as np
 import torch
@@ -17,10 +22,13 @@ import torch.nn.functional as F
 from .detections import Detections
 from .model import BachMaskRCNN
 from .paste import mask_crops
-from .tiling import tile_grid
+from .pixelsize import PixelSize
+from .tiling import Tile, tile_grid
 
 BACKGROUND_LEVEL = 220  # pixels brighter than this in every channel count as glass
 MIN_TISSUE_PIXELS = 16  # a tile with fewer non-glass pixels holds no nucleus
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -30,6 +38,17 @@ class Progress:
     message: str = ""
 
 
+def drain(gen: Generator[Progress, None, T], progress: Callable[[Progress], None] | None = None) -> T:
+    """Run a progress generator to its end, reporting each step; returns its value."""
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(step)
+
+
 def available_devices() -> list[str]:
     devices = ["cpu"]
     if torch.cuda.is_available():
@@ -37,6 +56,39 @@ def available_devices() -> list[str]:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         devices.append("mps")
     return devices
+
+
+def as_pixel_size(pixel_size: PixelSize | float | None) -> PixelSize:
+    """Training and tests pass plain numbers; the plugin passes a resolved :class:`PixelSize`."""
+    if isinstance(pixel_size, PixelSize):
+        return pixel_size
+    return PixelSize(float(pixel_size), "given") if pixel_size else PixelSize(None)
+
+
+def tissue_pixels(tile: torch.Tensor) -> int:
+    """Non-glass pixels: glass-only tiles are skipped, and tiles vote on the tissue class
+    in proportion to how much tissue they hold."""
+    return int((tile.amin(dim=0) < BACKGROUND_LEVEL / 255.0).sum())
+
+
+@dataclass
+class TileGeometry:
+    """Where tiles lie at the model's scale and how their boxes map back to the image."""
+
+    factor: float  # model pixels per image pixel
+    image_shape: tuple[int, int]  # input image, its own pixels
+    scaled_shape: tuple[int, int]  # at the model's µm/px, before glass padding
+    tiles: list[Tile]
+
+    def to_image(self, boxes: torch.Tensor, tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile-local model-pixel boxes -> image-pixel boxes, and which of them this tile owns
+        (centre in its core and inside the unpadded image): a border object is kept once."""
+        boxes = boxes.cpu() + torch.tensor([tile.x0, tile.y0, tile.x0, tile.y0], dtype=torch.float32)
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        y0, x0, y1, x1 = tile.core
+        h, w = self.scaled_shape
+        own = (cy >= y0) & (cy < min(y1, h)) & (cx >= x0) & (cx < min(x1, w))
+        return boxes / self.factor, own
 
 
 def _to_model_scale(rgb: np.ndarray, factor: float) -> torch.Tensor:
@@ -49,72 +101,71 @@ def _to_model_scale(rgb: np.ndarray, factor: float) -> torch.Tensor:
     return t
 
 
-def tissue_pixels(tile: torch.Tensor) -> int:
-    """Non-glass pixels: glass-only tiles are skipped, and tiles vote on the tissue class
-    in proportion to how much tissue they hold."""
-    return int((tile.amin(dim=0) < BACKGROUND_LEVEL / 255.0).sum())
+def run_tiled(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None,
+              step: Callable[[torch.Tensor], T]) -> Generator[Progress, None, tuple[TileGeometry, list]]:
+    """Call ``step(tile)`` (tile on the model's device, inference mode) on every tile that
+    holds tissue; yields progress, returns the geometry and ``(tile, output, tissue px)``.
 
-
-def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None = None,
-                 tissue_trained: bool = True) -> Generator[Progress, None, Detections]:
-    """Segment a whole RGB image tile by tile; yields progress, returns all candidates."""
+    An unknown pixel size runs the image as if it were at the model's own µm/px."""
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an H×W×3 uint8 RGB image, got {rgb.shape} {rgb.dtype}")
     cfg = model.config
-    mpp = image_mpp or cfg.mpp
+    mpp = as_pixel_size(pixel_size).mpp or cfg.mpp
     factor = mpp / cfg.mpp
     device = next(model.parameters()).device
     image = _to_model_scale(rgb, factor)
     h, w = image.shape[-2:]
     # An image smaller than a tile is padded with glass (white) to the full tile: the
     # network's own zero padding looks like tissue to it and yields slivers at the edge.
-    # Detections centred in the padding are dropped below, as any outside a tile's core.
+    # Detections centred in the padding are not owned by any tile (TileGeometry.to_image).
     ph, pw = max(0, cfg.tile_size - h), max(0, cfg.tile_size - w)
     if ph or pw:
-        image = torch.nn.functional.pad(image, (0, pw, 0, ph), value=1.0)
-    tiles = tile_grid(h + ph, w + pw, cfg.tile_size, cfg.tile_overlap)
+        image = F.pad(image, (0, pw, 0, ph), value=1.0)
+    geometry = TileGeometry(factor, rgb.shape[:2], (h, w), tile_grid(h + ph, w + pw, cfg.tile_size, cfg.tile_overlap))
     model.eval()
     channels_last = device.type == "cpu"
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
     model.transform.channels_last = channels_last
-    parts, tissue_logits, weights = [], [], []
-    orig_shape = rgb.shape[:2]
-    yield Progress(0, len(tiles), f"{len(tiles)} tiles at {cfg.mpp:g} µm/px")
-    for k, tile in enumerate(tiles):
+    outputs = []
+    total = len(geometry.tiles)
+    yield Progress(0, total, f"{total} tiles at {cfg.mpp:g} µm/px")
+    for k, tile in enumerate(geometry.tiles):
         crop = image[:, tile.y0 : tile.y1, tile.x0 : tile.x1]
         tissue = tissue_pixels(crop)
         if tissue >= MIN_TISSUE_PIXELS:
             with torch.inference_mode():
-                out = model([crop.to(device)])[0]
-            boxes = out["boxes"].cpu() + torch.tensor([tile.x0, tile.y0, tile.x0, tile.y0], dtype=torch.float32)
-            centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-            own = torch.tensor([tile.owns(cy, cx) and cy < h and cx < w for cx, cy in centres.tolist()],
-                               dtype=torch.bool)
-            boxes = boxes[own] / factor  # back to the input image's pixels
-            offsets, crops = mask_crops(out["masks"].cpu()[own], boxes, orig_shape)
-            boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([orig_shape[1], orig_shape[0]] * 2))
-            parts.append(Detections(orig_shape, boxes.numpy(), out["scores"].cpu()[own].numpy(), offsets, crops))
-            tissue_logits.append(out["tissue_logits"].cpu())
-            weights.append(float(tissue))
-        yield Progress(k + 1, len(tiles), f"tile {k + 1}/{len(tiles)}")
+                outputs.append((tile, step(crop.to(device)), tissue))
+        yield Progress(k + 1, total, f"tile {k + 1}/{total}")
+    return geometry, outputs
+
+
+def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None = None,
+                 tissue_trained: bool = True) -> Generator[Progress, None, Detections]:
+    """Segment a whole RGB image tile by tile; yields progress, returns all candidates."""
+    cfg = model.config
+    pixel_size = as_pixel_size(pixel_size)
+    geometry, outputs = yield from run_tiled(rgb, model, pixel_size, lambda crop: model([crop])[0])
+    orig_shape = geometry.image_shape
+    limit = torch.tensor([orig_shape[1], orig_shape[0]] * 2, dtype=torch.float32)
+    parts, tissue_logits, weights = [], [], []
+    for tile, out, tissue in outputs:
+        boxes, own = geometry.to_image(out["boxes"], tile)
+        boxes = boxes[own]
+        offsets, crops = mask_crops(out["masks"].cpu()[own], boxes, orig_shape)
+        boxes = torch.minimum(boxes.clamp(min=0), limit)
+        parts.append(Detections(orig_shape, boxes.numpy(), out["scores"].cpu()[own].numpy(), offsets, crops))
+        tissue_logits.append(out["tissue_logits"].cpu())
+        weights.append(float(tissue))
     probs = None
     if tissue_trained and tissue_logits:
         wt = torch.tensor(weights)[:, None]
         probs = ((torch.stack(tissue_logits).softmax(-1) * wt).sum(0) / wt.sum()).numpy()
     return Detections.concatenate(parts, orig_shape, tissue_probs=probs, candidate_nms=cfg.candidate_nms,
-                                  meta={"image_mpp": mpp, "model_mpp": cfg.mpp, "tiles": len(tiles),
-                                        "classes": cfg.tissue_classes})
+                                  pixel_size=pixel_size, classes=cfg.tissue_classes)
 
 
-def predict(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None = None, tissue_trained: bool = True,
-            progress: Callable[[Progress], None] | None = None) -> Detections:
+def predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None = None,
+            tissue_trained: bool = True, progress: Callable[[Progress], None] | None = None) -> Detections:
     """Run :func:`iter_predict` to the end, reporting progress to an optional callback."""
-    gen = iter_predict(rgb, model, image_mpp, tissue_trained)
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(step)
+    return drain(iter_predict(rgb, model, pixel_size, tissue_trained), progress)

@@ -14,12 +14,14 @@ from .predict import BACKGROUND_LEVEL
 
 
 def report_numbers(rgb: np.ndarray, table: dict, mpp: float | None, tissue_probs: dict | None) -> dict:
-    """Nucleus count, densities per mm² (whole image and tissue only), size statistics."""
+    """Nucleus count, densities per mm² (whole image and tissue only), size statistics;
+    with an unknown µm/px (None) sizes are in px² and there are no densities."""
     n = len(table["index"])
     px_mm2 = (mpp / 1000.0) ** 2 if mpp else None
     tissue_px = int((rgb.min(axis=-1) < BACKGROUND_LEVEL).sum())
-    areas = np.asarray(table["area_um2"], float)
-    out = {"nuclei": n, "mpp": mpp, "tissue_class": "not trained", "tissue_probs": tissue_probs}
+    areas = np.asarray(table["area_um2"] if mpp else table["area_px"], float)
+    out = {"nuclei": n, "mpp": mpp, "tissue_class": "not trained", "tissue_probs": tissue_probs,
+           "area_unit": "µm²" if mpp else "px²"}
     if tissue_probs:
         out["tissue_class"] = max(tissue_probs, key=tissue_probs.get)
     if px_mm2:
@@ -27,11 +29,10 @@ def report_numbers(rgb: np.ndarray, table: dict, mpp: float | None, tissue_probs
         out["tissue_area_mm2"] = tissue_px * px_mm2
         out["density_per_mm2"] = n / out["image_area_mm2"]
         out["density_per_tissue_mm2"] = n / out["tissue_area_mm2"] if tissue_px else float("nan")
-    out["areas_um2"] = areas.tolist()
+    out["areas"] = areas.tolist()
     if n:
-        out.update(area_mean_um2=float(areas.mean()), area_median_um2=float(np.median(areas)),
-                   area_sd_um2=float(areas.std()), area_p10_um2=float(np.percentile(areas, 10)),
-                   area_p90_um2=float(np.percentile(areas, 90)))
+        out.update(area_mean=float(areas.mean()), area_median=float(np.median(areas)), area_sd=float(areas.std()),
+                   area_p10=float(np.percentile(areas, 10)), area_p90=float(np.percentile(areas, 90)))
     return out
 
 
@@ -80,17 +81,20 @@ def write_report(path: str | Path, image_name: str, rgb: np.ndarray, labels: np.
         lines.append(f"Density: {numbers['density_per_mm2']:.0f} /mm² of image, "
                      f"{numbers['density_per_tissue_mm2']:.0f} /mm² of tissue "
                      f"(image {numbers['image_area_mm2']:.3f} mm², tissue {numbers['tissue_area_mm2']:.3f} mm², "
-                     f"{numbers['mpp']:.3g} µm/px)")
+                     f"{numbers['mpp']:.4g} µm/px)")
+    else:
+        lines.append("µm/px unknown: sizes in pixels, no densities (set µm/px in Segment nuclei and re-run)")
     if numbers["nuclei"]:
-        lines.append(f"Nucleus area µm²: mean {numbers['area_mean_um2']:.1f}, median {numbers['area_median_um2']:.1f}, "
-                     f"SD {numbers['area_sd_um2']:.1f}, P10–P90 {numbers['area_p10_um2']:.1f}–{numbers['area_p90_um2']:.1f}")
+        lines.append(f"Nucleus area {numbers['area_unit']}: mean {numbers['area_mean']:.1f}, "
+                     f"median {numbers['area_median']:.1f}, SD {numbers['area_sd']:.1f}, "
+                     f"P10–P90 {numbers['area_p10']:.1f}–{numbers['area_p90']:.1f}")
     lines += [f"{k}: {v}" for k, v in settings.items()]
     fig.text(0.06, 0.39, "\n".join(lines), va="top", fontsize=9.5, family="DejaVu Sans", wrap=True)
-    areas = np.asarray(numbers.get("areas_um2", []), float)
+    areas = np.asarray(numbers.get("areas", []), float)
     if areas.size:
         hist = fig.add_axes([0.1, 0.06, 0.55, 0.17])
         hist.hist(areas, bins=40, color="#6a5acd")
-        hist.set(xlabel="nucleus area (µm²)" if numbers.get("mpp") else "nucleus area (px²)", ylabel="nuclei")
+        hist.set(xlabel=f"nucleus area ({numbers['area_unit']})", ylabel="nuclei")
     keywords = f"nuclei={numbers['nuclei']}; tissue_class={numbers['tissue_class']}"
     if numbers.get("mpp"):
         keywords += f"; density_per_tissue_mm2={numbers['density_per_tissue_mm2']:.0f}"

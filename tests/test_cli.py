@@ -20,7 +20,7 @@ def test_segment_writes_labels_tables_and_summary(tmp_path, tiny_checkpoint):
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     out = tmp_path / "out"
     assert main(["segment", str(folder), "--out", str(out), "--model", str(tiny_checkpoint),
-                 "--score-threshold", "0.05"]) == 0
+                 "--score-threshold", "0.05"]) == 1  # broken.png failed: not a silent success
     labels = tifffile.imread(out / "is004_labels.tif")
     assert labels.shape == (150, 170) and labels.dtype == np.int32
     assert tifffile.imread(out / "other_labels.tif").shape == (100, 120)  # the input's own size

@@ -56,28 +56,31 @@ def test_refilter_threshold_and_nms_semantics():
     # overlap IoU of the first two squares: 81 / 119 = 0.68
     seg = det.refilter(0.5, 0.5)
     np.testing.assert_allclose(seg.scores, [0.9, 0.6])  # second square suppressed, 0.4 below threshold
-    assert set(np.unique(seg.labels)) == {0, 1, 2}
-    assert (seg.labels[0:10, 0:10] == 1).all() and (seg.labels[5:11, 45:51] == 2).all()
+    assert set(np.unique(seg.labels)) == {0, 1, 4}  # a candidate's id is its index + 1, at every threshold
+    assert (seg.labels[0:10, 0:10] == 1).all() and (seg.labels[5:11, 45:51] == 4).all()
     seg = det.refilter(0.5, 0.7)  # NMS looser than the overlap: both squares survive
     np.testing.assert_allclose(seg.scores, [0.9, 0.8, 0.6])
     assert (seg.labels[10, 1:11] == 2).all()  # the lower score only keeps uncontested pixels
     assert (seg.labels[1:10, 1:10] == 1).all()
     seg = det.refilter(0.3, 0.5)
     np.testing.assert_allclose(seg.scores, [0.9, 0.6, 0.4])
-    assert seg.labels.max() == 3 and list(seg.ids) == [1, 2, 3]
+    assert seg.labels.max() == 4 and list(seg.ids) == [1, 4, 3]
     assert len(det.refilter(0.95, 0.5).ids) == 0
 
 
-def test_refilter_drops_fully_covered_candidates_and_keeps_ids_consecutive():
+def test_refilter_drops_fully_covered_candidates_and_consecutive_renumbers():
     det = _square_detections([(0, 0, 10, 0.9), (2, 2, 4, 0.8), (20, 20, 5, 0.7)])
     seg = det.refilter(0.1, 0.9)
-    assert list(seg.ids) == [1, 2] and set(np.unique(seg.labels)) == {0, 1, 2}
+    assert list(seg.ids) == [1, 3] and set(np.unique(seg.labels)) == {0, 1, 3}
     np.testing.assert_allclose(seg.scores, [0.9, 0.7])
+    flat = seg.consecutive()  # what files get: 1..N in row order
+    assert list(flat.ids) == [1, 2] and set(np.unique(flat.labels)) == {0, 1, 2}
+    np.testing.assert_array_equal(flat.labels == 2, seg.labels == 3)
 
 
 def test_paste_labels_first_crop_wins():
     labels = paste_labels((5, 5), np.array([[0, 0], [1, 1]]), [np.ones((3, 3), bool)] * 2, np.array([1, 0]))
-    assert labels[1, 1] == 1 and labels[0, 0] == 2 and labels[3, 3] == 1
+    assert labels[1, 1] == 2 and labels[0, 0] == 1 and labels[3, 3] == 2
 
 
 def test_measurements_equal_scikit_image_regionprops():
@@ -86,6 +89,7 @@ def test_measurements_equal_scikit_image_regionprops():
 
     from napari_bach.detections import Segmentation
     from napari_bach.measure import hematoxylin, measure_nuclei
+    from napari_bach.pixelsize import PixelSize
     from napari_bach.synthetic import synthetic_he
 
     rgb, labels = synthetic_he((300, 420), mpp=0.42, seed=4)
@@ -93,15 +97,21 @@ def test_measurements_equal_scikit_image_regionprops():
     labels[5:9, 5:30] = labels.max() + 1  # a thin bar: eccentricity near 1
     labels[50, 50] = labels.max() + 1  # a single pixel: eccentricity 0
     ids = np.unique(labels[labels > 0])[::-1]  # any order: rows follow seg.ids
-    seg = Segmentation(labels, ids, np.zeros((len(ids), 4), np.float32), np.linspace(0.9, 0.5, len(ids)))
+    seg = Segmentation(labels, ids, np.zeros((len(ids), 4), np.float32), np.linspace(0.9, 0.5, len(ids)),
+                       PixelSize(0.5, "given"))
     hema = hematoxylin(rgb)
-    table = measure_nuclei(seg, hema, 0.5)
+    table = measure_nuclei(seg, hema)
     ref = regionprops_table(labels, intensity_image=hema,
                             properties=("label", "area", "perimeter", "eccentricity", "intensity_mean", "centroid"))
     order = np.searchsorted(ref["label"], ids)
     np.testing.assert_array_equal(table["index"], ids)
     np.testing.assert_allclose(table["area_um2"], ref["area"][order] * 0.25)
     np.testing.assert_allclose(table["perimeter_um"], ref["perimeter"][order] * 0.5)
+    np.testing.assert_allclose(table["area_px"], ref["area"][order])
+    np.testing.assert_allclose(table["mean_hematoxylin"], ref["intensity_mean"][order], rtol=1e-5)
+    unknown = measure_nuclei(Segmentation(labels, ids, seg.boxes, seg.scores), hema)
+    assert np.isnan(unknown["area_um2"]).all() and np.isnan(unknown["perimeter_um"]).all()  # no guessed µm
+    np.testing.assert_allclose(unknown["area_px"], ref["area"][order])
     np.testing.assert_allclose(table["eccentricity"], ref["eccentricity"][order], atol=1e-4)
     np.testing.assert_allclose(table["mean_hematoxylin"], ref["intensity_mean"][order], rtol=1e-5)
     np.testing.assert_allclose(table["centroid_y"], ref["centroid-0"][order])

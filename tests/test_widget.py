@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_bach._widget import SegmentWidget
+from napari_bach._qt.segment_widget import SegmentWidget
 from napari_bach.synthetic import synthetic_he
 
 PLUGIN = "napari-bach"
@@ -50,7 +50,7 @@ def test_torch_loads_after_the_opengl_canvas():
     import subprocess
     import sys
     code = ("import napari; v = napari.Viewer(show=False); v.add_image(__import__('numpy').zeros((8, 8)));"
-            "import napari_bach._widget, napari_bach.model, torch;"
+            "import napari_bach._qt.segment_widget, napari_bach.model, torch;"
             "from napari_bach.config import ModelConfig; m = napari_bach.model.build_model(ModelConfig()).eval();"
             "print(len(m([torch.rand(3, 64, 64)])[0]['boxes']) >= 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -96,9 +96,10 @@ def test_run_shows_layers_refilters_live_and_rerun_replaces(viewer, qtbot, tiny_
     w = _widget(viewer, tiny_checkpoint)
     _run_and_wait(qtbot, w)
     labels, boxes = viewer.layers["he nuclei"], viewer.layers["he boxes"]
-    n = labels.data.max()
+    ids = np.unique(labels.data)[1:]
+    n = len(ids)
     assert n > 0 and labels.data.shape == (200, 240)
-    assert len(boxes.data) == n and list(boxes.features["index"]) == list(range(1, n + 1))
+    assert len(boxes.data) == n and sorted(boxes.features["index"]) == list(ids)
     table = labels.features
     assert {"index", "score", "area_um2", "perimeter_um", "eccentricity", "mean_hematoxylin"} <= set(table.columns)
     assert len(table) == n and (table["area_um2"] > 0).all()
@@ -107,11 +108,13 @@ def test_run_shows_layers_refilters_live_and_rerun_replaces(viewer, qtbot, tiny_
     assert "UNTRAINED" in labels.metadata["model"]
 
     # a stricter threshold re-filters the cached detections: fewer nuclei, no new run
-    det = w.result["det"]
+    det = w.result.det
     w._score.value = float(np.quantile(det.scores, 0.9))
-    assert w.worker is None and w.result["det"] is det
-    assert 0 < viewer.layers["he nuclei"].data.max() < n
-    assert len(viewer.layers["he boxes"].data) == viewer.layers["he nuclei"].data.max()
+    assert w.worker is None and w.result.det is det
+    w.measure()  # boxes and the table follow when the slider rests
+    shown = np.unique(viewer.layers["he nuclei"].data)[1:]
+    assert 0 < len(shown) < n and set(shown) <= set(ids)  # each nucleus keeps its id (and colour)
+    assert len(viewer.layers["he boxes"].data) == len(shown)
     assert set(viewer.layers["he boxes"].shape_type) == {"rectangle"}
 
     _run_and_wait(qtbot, w)
@@ -159,4 +162,4 @@ def test_closing_the_viewer_during_a_run_is_harmless(make_napari_viewer, qtbot, 
     worker = w.worker
     with qtbot.waitSignal(worker.finished, timeout=120_000):
         viewer.close()
-    assert w._closed
+    assert w.task.closed

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .imageio import IMAGE_SUFFIXES, ImageReadError, read_image
+from ..imageio import IMAGE_SUFFIXES, ImageReadError, read_image
 
 
 def image_layer_kwargs(name: str, mpp: float | None, metadata: dict) -> dict:
@@ -36,5 +36,9 @@ def read_he_image(path) -> list[tuple]:
         return [(None,)]  # napari's "nothing to add" sentinel
     for note in data.notices:
         show_info(f"{Path(path).name}: {note}")
-    meta = {"mpp": data.mpp, "tissue_class": data.tissue_class, "path": str(path), "notices": data.notices}
+    for note in ([] if data.pixel_size.known else ["µm/px unknown (no resolution tags, not a BACH name): "
+                                                   "set it in Segment nuclei to measure in µm"]):
+        show_info(f"{Path(path).name}: {note}")
+    meta = {**data.pixel_size.metadata(), "tissue_class": data.tissue_class, "path": str(path),
+            "notices": data.notices}
     return [(data.rgb, image_layer_kwargs(Path(path).stem, data.mpp, meta), "image")]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .detections import Segmentation
+from ..detections import Segmentation
 
 ROLE_KEY = "napari_bach"
 
@@ -18,8 +18,9 @@ def box_corners(boxes: np.ndarray) -> list[np.ndarray]:
 
 
 def result_layers(seg: Segmentation, source: str, placement: dict, features: dict | None = None,
-                  metadata: dict | None = None) -> list[tuple]:
-    """Labels of nuclei (with the per-nucleus table) and Shapes of their boxes.
+                  metadata: dict | None = None, boxes: bool = True) -> list[tuple | None]:
+    """Labels of nuclei (with the per-nucleus table) and Shapes of their boxes (None
+    without ``boxes``: a slider step updates the labels alone).
 
     ``placement`` holds the source image's ``scale`` and ``units`` so overlays line up."""
     meta = dict(metadata or {})
@@ -28,13 +29,15 @@ def result_layers(seg: Segmentation, source: str, placement: dict, features: dic
         "name": f"{source} nuclei", **placement, "features": table, "opacity": 0.5,
         "metadata": {**meta, ROLE_KEY: {"role": "nuclei", "source": source}},
     }, "labels")
+    if not boxes:
+        return [labels, None]
     # (corners, type) pairs: assigning bare arrays to an existing layer makes polygons
     rectangles = [(c, "rectangle") for c in box_corners(seg.boxes)]
-    boxes = (rectangles, {
+    box_layer = (rectangles, {
         "name": f"{source} boxes", **placement,
         "features": {"index": seg.ids, "score": seg.scores}, "edge_color": "yellow",
         "face_color": "transparent", "edge_width": 1.0, "visible": len(seg.ids) <= 3000,
         "text": {"string": "{score:.2f}", "size": 8, "color": "yellow", "visible": False},
         "metadata": {ROLE_KEY: {"role": "boxes", "source": source}},
     }, "shapes")
-    return [labels, boxes]
+    return [labels, box_layer]

@@ -1,8 +1,8 @@
 """The "RPN anchors & proposals" dock widget: see what the detector's first stage sees.
 
 Anchors are computed in the Qt-free core (:mod:`napari_bach.anchors`) with the model's
-own torchvision anchor generator and matcher; proposals run the backbone and RPN in a
-worker thread with progress and cancel.
+own torchvision anchor generator and matcher; proposals run the backbone and RPN. Both
+run in a worker thread with progress and Cancel, so napari never freezes.
 """
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import (ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, Select,
                               SpinBox, create_widget)
-from napari.qt.threading import thread_worker
 
-from .anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, anchors_in_region, iter_proposals, make_generator
-from .checkpoint import CheckpointError
-from .edit import segmentation_from_labels
+from ..anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, iter_anchors_in_region, iter_proposals, make_generator
+from ..checkpoint import cached_model
+from ..edit import segmentation_from_labels
+from .common import EXPECTED_ERRORS, BackgroundTask, ModelPicker, layer_pixel_size, layer_rgb, wrap
 from .layers import box_corners
-from ._widget import ModelCache, ModelPicker, layer_mpp, layer_rgb, wrap
 
 if TYPE_CHECKING:
     import napari
@@ -27,15 +26,22 @@ LABEL_COLOURS = {POSITIVE: "lime", NEGATIVE: "red", IGNORED: "gray"}
 LEVEL_COLOURS = ("cyan", "magenta", "yellow", "orange", "white")
 
 
+def _numbers(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not a list of numbers") from None
+
+
 def parse_sizes(text: str) -> tuple[tuple[float, ...], ...] | None:
     """``"8,11 16,23 …"``: one comma list per FPN level; blank keeps the model's."""
     text = text.strip()
-    return tuple(tuple(float(v) for v in level.split(",")) for level in text.split()) if text else None
+    return tuple(_numbers(level, "anchor sizes") for level in text.split()) if text else None
 
 
 def parse_ratios(text: str) -> tuple[float, ...] | None:
     text = text.strip()
-    return tuple(float(v) for v in text.replace(",", " ").split()) if text else None
+    return _numbers(text.replace(" ", ","), "aspect ratios") if text else None
 
 
 def visible_region(viewer, layer) -> tuple[float, float, float, float]:
@@ -52,7 +58,7 @@ class AnchorWidget(Container):
     """Anchors per FPN level, their training labels, and RPN proposals before/after NMS."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
         self._viewer = viewer
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
         self.model = ModelPicker()
@@ -75,14 +81,18 @@ class AnchorWidget(Container):
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self._status = Label(label="Status", value="")
         wrap(self._status)
-        self.extend([self._image, self.model, self._levels, self._sizes, self._ratios, self._region,
+        self.extend([self._image, *self.model.widgets, self._levels, self._sizes, self._ratios, self._region,
                      self._region_layer, self._nuclei, self._fg, self._bg, self._cap, self._show_anchors, self._k,
                      self._nms, self._show_proposals, self._cancel, self._progress, self._status])
-        self.worker = None
-        self._cache = ModelCache()
+        self.task = BackgroundTask(self._progress, self._status, [self._show_anchors, self._show_proposals],
+                                   self._cancel)
+        self.native.destroyed.connect(lambda *_, task=self.task: task.close())
         self._show_anchors.changed.connect(self.show_anchors)
         self._show_proposals.changed.connect(self.show_proposals)
-        self._cancel.changed.connect(lambda: self.worker is not None and self.worker.quit())
+
+    @property
+    def worker(self):
+        return self.task.worker
 
     def _regions(self, layer) -> list[tuple[float, float, float, float]]:
         if self._region.value == VIEW:
@@ -102,47 +112,54 @@ class AnchorWidget(Container):
             self._viewer.layers.remove(name)
         self._viewer.add_shapes(data, name=name, face_color="transparent", **kwargs)
 
+    def _factor_and_model(self, layer):
+        """The model (cached) and image-to-model scale; unknown µm/px runs at the model's own."""
+        model, _ = cached_model(self.model.path(), "cpu")
+        return model, (layer_pixel_size(layer).mpp or model.config.mpp) / model.config.mpp
+
     def show_anchors(self) -> None:
         layer = self._image.value
         if layer is None:
             self._status.value = "Open an image first."
             return
         try:
-            model, _ = self._cache.get(self.model.path(), "cpu")
+            model, factor = self._factor_and_model(layer)
             cfg = model.config
             generator = make_generator(parse_sizes(self._sizes.value) or cfg.anchor_sizes,
                                        parse_ratios(self._ratios.value) or cfg.aspect_ratios)
             regions = self._regions(layer)
-        except (CheckpointError, ValueError, OSError) as exc:
-            self._status.value = f"Failed: {exc}"
+        except EXPECTED_ERRORS as exc:
+            self.task.fail(exc)
             return
         levels = [LEVELS.index(v) for v in self._levels.value] or [0]
         nuclei = self._nuclei.value
         gt = segmentation_from_labels(np.asarray(nuclei.data)).boxes if nuclei is not None else None
-        factor = layer_mpp(layer) / cfg.mpp
+        placement = {"scale": layer.scale[-2:], "units": layer.units[-2:]}
+        self.task.start(_anchors, generator, layer.data.shape[:2], factor, regions, levels, gt, float(self._fg.value),
+                        float(self._bg.value), int(self._cap.value),
+                        done=lambda out: self._on_anchors(out, placement, nuclei is not None))
+
+    def _on_anchors(self, views: list, placement: dict, labelled: bool) -> None:
         boxes, colours, feats, counts, capped = [], [], {"level": [], "label": []}, {}, False
-        per_region_cap = max(1, int(self._cap.value) // len(regions))
-        for region in regions:
-            view = anchors_in_region(generator, layer.data.shape[:2], factor, region, levels, gt,
-                                     float(self._fg.value), float(self._bg.value), per_region_cap)
+        names = {POSITIVE: "positive", NEGATIVE: "negative", IGNORED: "ignored"}
+        for view in views:
             capped |= view.capped
             for k, v in view.counts.items():
                 counts[k] = counts.get(k, 0) + v
             boxes += box_corners(view.boxes)
             feats["level"] += [LEVELS[i] for i in view.levels]
             if view.labels is not None:
-                names = {POSITIVE: "positive", NEGATIVE: "negative", IGNORED: "ignored"}
                 feats["label"] += [names[int(l)] for l in view.labels]
                 colours += [LABEL_COLOURS[int(l)] for l in view.labels]
             else:
                 feats["label"] += ["unlabelled"] * len(view.boxes)
                 colours += [LEVEL_COLOURS[i] for i in view.levels]
         self._put("anchors", [(b, "rectangle") for b in boxes], edge_color=colours or "cyan", edge_width=0.5,
-                  features=feats, scale=layer.scale[-2:], units=layer.units[-2:])
+                  features=feats, **placement)
         text = ", ".join(f"{v} {k}" for k, v in counts.items())
         if capped:
             text += f"\ndrawing {len(boxes)} of them:\nevery positive, then a random sample"
-        if nuclei is None:
+        if not labelled:
             text += "\nchoose a Nuclei labels layer to colour\nanchors by their training label"
         self._status.value = text
 
@@ -155,28 +172,13 @@ class AnchorWidget(Container):
             region = self._regions(layer)[0]
             rgb = layer_rgb(layer)
         except ValueError as exc:
-            self._status.value = f"Failed: {exc}"
+            self.task.fail(exc)
             return
         placement = {"scale": layer.scale[-2:], "units": layer.units[-2:]}
-        self.worker = _proposals(rgb, self.model.path(), layer_mpp(layer), region, int(self._k.value),
-                                 float(self._nms.value), self._cache, _start_thread=False,
-                                 _connect={"errored": self._on_error})
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(lambda out: self._on_proposals(out, placement))
-        self.worker.aborted.connect(lambda: setattr(self._status, "value", "Cancelled."))
-        self.worker.finished.connect(self._on_finished)
-        self._show_proposals.enabled, self._cancel.enabled = False, True
-        self.worker.start()
-
-    def _on_progress(self, step) -> None:
-        self._progress.max = max(step.total, 1)
-        self._progress.value = step.done
-        self._status.value = step.message
+        self.task.start(_proposals, rgb, self.model.path(), layer_pixel_size(layer).mpp, region, int(self._k.value),
+                        float(self._nms.value), done=lambda out: self._on_proposals(out, placement))
 
     def _on_proposals(self, out, placement: dict) -> None:
-        if isinstance(out, Exception):
-            self._on_error(out)
-            return
         before, after = out
         for name, p, colour in (("proposals before NMS", before, "orange"), ("proposals after NMS", after, "cyan")):
             self._put(name, [(b, "rectangle") for b in box_corners(p.boxes)], edge_color=colour, edge_width=0.7,
@@ -184,18 +186,17 @@ class AnchorWidget(Container):
         self._status.value = (f"top {len(before.boxes)} proposals before NMS,\n{len(after.boxes)} after NMS "
                               f"(IoU {self._nms.value:.2f});\nobjectness in the layers' features")
 
-    def _on_error(self, exc: Exception) -> None:
-        self._status.value = f"Failed: {exc}"
 
-    def _on_finished(self) -> None:
-        self.worker = None
-        self._show_proposals.enabled, self._cancel.enabled = True, False
+def _anchors(generator, image_hw, factor, regions, levels, gt, fg, bg, cap):
+    """Every region's anchors in a worker: all FPN levels of a large view take a while."""
+    per_region = max(1, cap // len(regions))
+    views = []
+    for region in regions:
+        views.append((yield from iter_anchors_in_region(generator, image_hw, factor, region, levels, gt, fg, bg,
+                                                        per_region)))
+    return views
 
 
-@thread_worker
-def _proposals(rgb, model_path, mpp, region, k, nms_iou, cache: ModelCache):
-    try:
-        model, _ = cache.get(model_path, "cpu")
-    except CheckpointError as exc:
-        return exc
+def _proposals(rgb, model_path, mpp, region, k, nms_iou):
+    model, _ = cached_model(model_path, "cpu")
     return (yield from iter_proposals(rgb, model, mpp, region, k, nms_iou))

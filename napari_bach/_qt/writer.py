@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import export_sample
-from .imageio import to_rgb_uint8
+from ..export import export_sample
+from ..imageio import to_rgb_uint8
 
 
 def write_training_sample(path: str, layer_data: list[tuple]) -> list[str]:
@@ -18,9 +18,11 @@ def write_training_sample(path: str, layer_data: list[tuple]) -> list[str]:
         raise ValueError("select exactly one image layer and one labels layer to export a training sample")
     (img, img_meta), (lab, lab_meta) = images[0], labels[0]
     meta = img_meta.get("metadata") or {}
-    probs = (lab_meta.get("metadata") or {}).get("tissue_probs")
+    result = lab_meta.get("metadata") or {}
+    mpp = result["mpp"] if "mpp_source" in result else meta.get("mpp")  # the result's own µm/px first
+    probs = result.get("tissue_probs")
     tissue = max(probs, key=probs.get) if probs else meta.get("tissue_class")
     folder = export_sample(path, img_meta.get("name", "image"), to_rgb_uint8(np.asarray(img)), np.asarray(lab),
-                           meta.get("mpp"), tissue, {"source": meta.get("path"), "writer": "napari-bach npe2 writer"},
+                           mpp, tissue, {"source": meta.get("path"), "writer": "napari-bach npe2 writer"},
                            on_exists="version")
     return [str(Path(folder))]

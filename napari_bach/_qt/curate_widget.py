@@ -13,13 +13,13 @@ import numpy as np
 from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton,
                               create_widget)
 
-from .config import BACH_CLASSES
-from .export import SampleExistsError, export_sample
+from ..config import BACH_CLASSES
+from ..edit import delete_label, next_free_label, relabel_consecutive, remove_small, segmentation_from_labels
+from ..export import SampleExistsError, export_sample
+from ..measure import hematoxylin, measure_nuclei
+from ..report import report_numbers, write_nuclei_csv, write_report
+from .common import check_output_file, layer_rgb, layer_tissue_class, put_result_layer, result_pixel_size, wrap
 from .layers import ROLE_KEY, result_layers
-from .measure import hematoxylin, measure_nuclei
-from .edit import delete_label, next_free_label, relabel_consecutive, remove_small, segmentation_from_labels
-from .report import report_numbers, write_nuclei_csv, write_report
-from ._widget import layer_mpp, layer_rgb, put_result_layer, wrap
 
 if TYPE_CHECKING:
     import napari
@@ -30,7 +30,7 @@ FULL, VIEW = "Full image resolution", "Current view"
 
 class CurateWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
         self._viewer = viewer
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
         self._nuclei = create_widget(label="Nuclei", annotation="napari.layers.Labels")
@@ -84,6 +84,10 @@ class CurateWidget(Container):
     def _say(self, text: str) -> None:
         self._status.value = text
 
+    def pixel_size(self):
+        """The µm/px the result was made at (Segment nuclei stores it on the labels layer)."""
+        return result_pixel_size(self._nuclei.value, self._image.value)
+
     def sync(self) -> None:
         """Rebuild boxes, scores and measurements from the edited labels."""
         try:
@@ -93,9 +97,8 @@ class CurateWidget(Container):
             return
         features = nuclei.features
         scores = dict(zip(features["index"], features["score"])) if "score" in features else {}
-        seg = segmentation_from_labels(np.asarray(nuclei.data), scores)
-        mpp = layer_mpp(image)
-        table = measure_nuclei(seg, hematoxylin(layer_rgb(image)), mpp)
+        seg = segmentation_from_labels(np.asarray(nuclei.data), scores, self.pixel_size())
+        table = measure_nuclei(seg, hematoxylin(layer_rgb(image)))
         source = (nuclei.metadata.get(ROLE_KEY) or {}).get("source", image.name)
         placement = {"scale": tuple(nuclei.scale[-2:]), "units": tuple(nuclei.units[-2:])}
         labels_t, boxes_t = result_layers(seg, source, placement, table, nuclei.metadata)
@@ -109,7 +112,8 @@ class CurateWidget(Container):
             _, nuclei = self._layers()
         except ValueError as exc:
             return self._say(str(exc))
-        nuclei.selected_label = next_free_label(np.asarray(nuclei.data))
+        floor = (nuclei.metadata or {}).get("first_free_id", 1)  # ids below belong to the model's candidates
+        nuclei.selected_label = next_free_label(np.asarray(nuclei.data), floor)
         nuclei.mode = "paint"
         self._viewer.layers.selection.active = nuclei
         self._say(f"painting nucleus {nuclei.selected_label}")
@@ -135,7 +139,9 @@ class CurateWidget(Container):
 
     def remove_small(self) -> None:
         def act(nuclei, data):
-            mpp = layer_mpp(self._image.value)
+            mpp = self.pixel_size().mpp
+            if mpp is None:
+                raise ValueError("µm/px unknown: set it in Segment nuclei and run again to remove by µm²")
             gone = remove_small(data, int(np.ceil(self._min_area.value / mpp**2)))
             return f"removed {len(gone)} nuclei under {self._min_area.value:g} µm²"
         self._edit(act)
@@ -154,7 +160,7 @@ class CurateWidget(Container):
         probs = self._nuclei.value.metadata.get("tissue_probs") if self._nuclei.value is not None else None
         if self._tissue.value != FROM_MODEL:
             return self._tissue.value, probs
-        known = (self._image.value.metadata or {}).get("tissue_class") if self._image.value is not None else None
+        known = layer_tissue_class(self._image.value) if self._image.value is not None else None
         return (max(probs, key=probs.get) if probs else known), probs
 
     def export(self) -> Path | None:
@@ -166,10 +172,12 @@ class CurateWidget(Container):
             return self._say("choose a dataset folder")
         name = self._sample.value.strip() or image.name
         cls, _ = self.tissue_class()
+        pixel_size = self.pixel_size()
         meta = {"source": (image.metadata or {}).get("path"), "image_layer": image.name,
-                **{k: nuclei.metadata.get(k) for k in ("model", "model_name", "score_threshold", "nms_iou")}}
+                **{k: nuclei.metadata.get(k) for k in ("model", "model_name", "score_threshold", "nms_iou")},
+                **pixel_size.metadata()}
         mode = self._on_exists.value
-        args = (self._dataset.value, name, layer_rgb(image), np.asarray(nuclei.data), layer_mpp(image), cls, meta)
+        args = (self._dataset.value, name, layer_rgb(image), np.asarray(nuclei.data), pixel_size.mpp, cls, meta)
         try:
             folder = export_sample(*args, on_exists="error" if mode == "ask" else mode)
         except SampleExistsError:
@@ -190,9 +198,10 @@ class CurateWidget(Container):
         return folder
 
     def save_figure(self) -> Path | None:
-        path = Path(self._figure.value)
-        if not path.name or path.suffix.lower() != ".png":
-            return self._say("choose a .png figure file")
+        try:
+            path = check_output_file(Path(self._figure.value), ".png")
+        except ValueError as exc:
+            return self._say(str(exc))
         self._viewer.scale_bar.visible = True
         if self._figure_mode.value == FULL:
             self._viewer.export_figure(str(path))
@@ -206,14 +215,15 @@ class CurateWidget(Container):
             image, nuclei = self._layers()
         except ValueError as exc:
             return self._say(str(exc))
-        path = Path(self._report.value)
-        if not path.name or path.suffix.lower() != ".pdf":
-            return self._say("choose a .pdf report file")
+        try:
+            path = check_output_file(Path(self._report.value), ".pdf")
+        except ValueError as exc:
+            return self._say(str(exc))
         self.sync()
         rgb = layer_rgb(image)
         table = {c: np.asarray(nuclei.features[c]) for c in nuclei.features.columns}
         _, probs = self.tissue_class()
-        self.numbers = report_numbers(rgb, table, layer_mpp(image), probs)
+        self.numbers = report_numbers(rgb, table, self.pixel_size().mpp, probs)
         m = nuclei.metadata
         settings = {"Model": m.get("model", "unknown"), "Score threshold": m.get("score_threshold"),
                     "NMS IoU": m.get("nms_iou"), "Tissue class chosen by user": self._tissue.value

@@ -1,0 +1,219 @@
+"""What the dock widgets share: the model picker, background runs with one error path,
+result layers, and reading an image layer's pixels and µm/px."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from magicgui.widgets import ComboBox, FileEdit, Label, ProgressBar, PushButton
+
+from ..checkpoint import DEFAULT_MODEL, CheckpointError
+from ..imageio import ImageReadError, bach_class_from_path, to_rgb_uint8
+from ..pixelsize import FILE_TAGS, UNKNOWN, PixelSize, file_mpp, resolve_mpp
+from .layers import ROLE_KEY
+
+DEFAULT_CHOICE = "Default (shipped)"
+FILE_CHOICE = "Checkpoint file…"
+EXPECTED_ERRORS = (CheckpointError, ImageReadError, ValueError, OSError)  # the user's input, not a bug
+
+
+class ModelPicker:
+    """The shipped default model or a checkpoint file. Its two rows go straight into the
+    widget's own form, so their labels line up with every other row."""
+
+    def __init__(self) -> None:
+        self.choice = ComboBox(label="Model", choices=[DEFAULT_CHOICE, FILE_CHOICE], value=DEFAULT_CHOICE)
+        self.file = FileEdit(label="Checkpoint", filter="*.pt", visible=False)
+        self.widgets = [self.choice, self.file]
+        self.choice.changed.connect(lambda v: setattr(self.file, "visible", v == FILE_CHOICE))
+
+    def on_change(self, callback: Callable[..., None]) -> None:
+        self.choice.changed.connect(callback)
+        self.file.changed.connect(callback)
+
+    def use_file(self, path) -> None:
+        self.choice.value = FILE_CHOICE
+        self.file.value = str(path)
+
+    def path(self) -> Path:
+        return DEFAULT_MODEL if self.choice.value == DEFAULT_CHOICE else Path(self.file.value)
+
+
+@dataclass
+class Failure:
+    """An expected error (bad file, wrong checkpoint, impossible setting) returned by a
+    worker so it is shown as a message, not as a traceback."""
+
+    error: Exception
+
+
+def _guarded(work, *args):
+    try:
+        return (yield from work(*args))
+    except EXPECTED_ERRORS as exc:
+        return Failure(exc)
+
+
+class BackgroundTask:
+    """Runs a progress generator in a napari ``thread_worker``: progress bar, status line,
+    Cancel, buttons disabled while it runs, and one path for every error."""
+
+    def __init__(self, progress: ProgressBar, status: Label, buttons: list[PushButton], cancel: PushButton) -> None:
+        self._progress, self._status, self._buttons, self._cancel = progress, status, buttons, cancel
+        self.worker = None
+        self.closed = False
+        cancel.changed.connect(self.cancel)
+
+    def start(self, work, *args, done: Callable[[object], None]) -> None:
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(_guarded, work, *args, _start_thread=False, _connect={"errored": self.fail})
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(lambda out: self.closed or (self.fail(out.error) if isinstance(out, Failure)
+                                                            else done(out)))
+        worker.aborted.connect(lambda: self.say("Cancelled; earlier results are kept."))
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        for button in self._buttons:
+            button.enabled = False
+        self._cancel.enabled = True
+        self._progress.max, self._progress.value = 1, 0
+        self.say("Starting…")
+        worker.start()
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.say("Cancelling after the current step…")
+            self.worker.quit()
+
+    def close(self) -> None:
+        """The dock went away: stop the run and ignore its late signals."""
+        self.closed = True
+        if self.worker is not None:
+            self.worker.quit()
+
+    def say(self, text: str) -> None:
+        if not self.closed:
+            self._status.value = text
+
+    def fail(self, exc: Exception) -> None:
+        if not self.closed:
+            from napari.utils.notifications import show_error
+
+            self.say(f"Failed: {exc}")
+            if not isinstance(exc, EXPECTED_ERRORS):
+                return  # napari's own notification already shows the traceback of a bug
+            show_error(f"napari-bach: {exc}")
+
+    def _on_progress(self, step) -> None:
+        if self.closed:
+            return
+        if isinstance(step, str):
+            self.say(step.capitalize() + "…")
+            return
+        self._progress.max = max(step.total, 1)
+        self._progress.value = step.done
+        self.say(step.message)
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        if not self.closed:
+            for button in self._buttons:
+                button.enabled = True
+            self._cancel.enabled = False
+
+
+def put_result_layer(viewer, data, kwargs: dict, layer_type: str) -> None:
+    """Update the layer with the same napari-bach role and source, or add it: results are
+    replaced, never stacked."""
+    layer = find_result_layer(viewer, kwargs["metadata"][ROLE_KEY])
+    if layer is None:
+        getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+        return
+    if layer.data is not data:
+        layer.data = data
+    layer.features = kwargs["features"]
+    layer.metadata = kwargs["metadata"]
+
+
+def find_result_layer(viewer, role: dict):
+    for layer in viewer.layers:
+        if (layer.metadata or {}).get(ROLE_KEY) == role:
+            return layer
+    return None
+
+
+def wrap(label: Label) -> None:
+    """Let a status label wrap to the dock's width and grow in height, never cut off."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    label.native.setWordWrap(True)
+    label.native.setMinimumWidth(1)
+    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+
+
+def layer_rgb(layer) -> np.ndarray:
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return to_rgb_uint8(np.asarray(data))
+
+
+def _source_path(layer) -> Path | None:
+    path = (layer.metadata or {}).get("path") or getattr(getattr(layer, "source", None), "path", None)
+    return Path(path) if path else None
+
+
+def layer_pixel_size(layer) -> PixelSize:
+    """µm/px of an image layer, the same way whoever opened it: napari-bach's reader or
+    sample (metadata), another reader (the file's own tags or BACH name), a µm layer
+    scale, else unknown."""
+    meta = layer.metadata or {}
+    if meta.get("mpp"):
+        return PixelSize(float(meta["mpp"]), meta.get("mpp_source", FILE_TAGS))
+    path = _source_path(layer)
+    if path is not None:
+        found = resolve_mpp(tags=file_mpp(path), path=path)
+        if found.known:
+            return found
+    if not np.isclose(layer.scale[-1], 1.0):
+        return PixelSize(float(layer.scale[-1]), "layer scale")
+    return PixelSize(None, UNKNOWN)
+
+
+def layer_tissue_class(layer) -> str | None:
+    """The BACH class a file's name or folder states, whoever opened it."""
+    meta = layer.metadata or {}
+    if meta.get("tissue_class"):
+        return meta["tissue_class"]
+    path = _source_path(layer)
+    return bach_class_from_path(path) if path is not None else None
+
+
+def result_pixel_size(nuclei, image) -> PixelSize:
+    """The µm/px a result was made at (stored on its labels layer), else the image's."""
+    meta = (nuclei.metadata or {}) if nuclei is not None else {}
+    if "mpp_source" in meta:
+        return PixelSize(meta.get("mpp"), meta["mpp_source"])
+    return layer_pixel_size(image)
+
+
+def tissue_text(probs: np.ndarray | None, classes: tuple[str, ...], known: str | None) -> str:
+    if probs is None:
+        text = "Tissue class: not trained\n(this model had no tissue labels)"
+    else:
+        best = int(np.argmax(probs))
+        text = f"Tissue class: {classes[best]} ({probs[best]:.0%})\n" + " · ".join(
+            f"{c} {p:.0%}" for c, p in zip(classes, probs))
+    if known:
+        text += f"\nFile name says: {known}"
+    return text
+
+
+def check_output_file(path: Path, suffix: str) -> Path:
+    """A file to save into: the right suffix and an existing folder (ValueError otherwise)."""
+    if not path.name or path.suffix.lower() != suffix:
+        raise ValueError(f"choose a {suffix} file")
+    if not path.parent.is_dir():
+        raise ValueError(f"folder {path.parent} does not exist")
+    return path

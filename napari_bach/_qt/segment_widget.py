@@ -1,0 +1,250 @@
+"""The "Segment nuclei" dock widget: collect parameters, run a worker, show layers.
+
+All computation lives in the Qt-free core; this module only wires it to napari.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FloatSlider, FloatSpinBox, Label, ProgressBar, PushButton, create_widget
+
+from ..checkpoint import DEFAULT_MODEL, CheckpointError, ModelInfo, cached_model, read_config
+from ..config import ModelConfig, Thresholds
+from ..detections import Detections, Segmentation
+from ..edit import Edits
+from ..measure import hematoxylin, measure_nuclei
+from ..pixelsize import EXPLICIT, PixelSize
+from ..predict import available_devices, iter_predict
+from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, layer_pixel_size, layer_rgb, layer_tissue_class,
+                     put_result_layer, tissue_text, wrap)
+from .layers import ROLE_KEY, result_layers
+
+if TYPE_CHECKING:
+    import napari
+
+MEASURE_DELAY_MS = 300  # the full table waits until the slider rests
+
+
+def _segment(rgb: np.ndarray, model_path: Path, device: str, pixel_size: PixelSize):
+    yield "loading model"
+    model, info = cached_model(model_path, device)
+    det = yield from iter_predict(rgb, model, pixel_size, tissue_trained=info.tissue_trained)
+    yield "measuring"
+    return det, info, hematoxylin(rgb), model.config.mpp
+
+
+@dataclass
+class Result:
+    """One run's cached candidates and everything the layers are rebuilt from."""
+
+    det: Detections
+    info: ModelInfo
+    hema: np.ndarray
+    model_mpp: float
+    source: str
+    placement: dict
+    known: str | None
+    edits: Edits
+    shown: np.ndarray | None = None  # the labels last put in the layer: edits are the difference
+    seg: Segmentation | None = None
+
+
+class SegmentWidget(Container):
+    """Mask R-CNN nuclei + tissue class for the chosen image layer."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
+        super().__init__(labels=True, scrollable=True)
+        self._viewer = viewer
+        cfg = ModelConfig()
+        self._image = create_widget(label="Image", annotation="napari.layers.Image")
+        self.model = ModelPicker()
+        self._device = ComboBox(label="Device", choices=available_devices(), value="cpu")
+        # 0 shows as "unknown": sizes then stay in pixels rather than use a guessed µm/px.
+        self._mpp = FloatSpinBox(label="µm/px", min=0.0, max=100.0, step=0.0001, value=0.0)
+        self._mpp.native.setDecimals(4)
+        self._mpp.native.setSpecialValueText("unknown")
+        self._score = FloatSlider(label="Score threshold", min=cfg.candidate_score, max=1.0, step=0.01,
+                                  value=cfg.default_score_threshold)
+        self._nms = FloatSlider(label="NMS IoU", min=0.1, max=cfg.candidate_nms, step=0.01, value=cfg.default_nms_iou)
+        self._run = PushButton(text="Segment nuclei")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
+        self._status = Label(label="Status", value="")
+        self._tissue = Label(label="Result", value="")
+        self.task = BackgroundTask(self._progress, self._status, [self._run], self._cancel)
+        self.result: Result | None = None
+        self._layer_pixel_size = PixelSize(None)
+        self.extend([self._image, *self.model.widgets, self._device, self._mpp, self._score, self._nms,
+                     self._run, self._cancel, self._progress, self._status, self._tissue])
+        for label in (self._status, self._tissue):
+            wrap(label)
+        from qtpy.QtCore import QTimer
+
+        self._measure_timer = QTimer()
+        self._measure_timer.setSingleShot(True)
+        self._measure_timer.setInterval(MEASURE_DELAY_MS)
+        self._measure_timer.timeout.connect(self.measure)
+        self.native.destroyed.connect(lambda *_, task=self.task: task.close())
+        self._image.changed.connect(self._on_image_changed)
+        self._run.changed.connect(self.run)
+        self._score.changed.connect(self.refilter)
+        self._nms.changed.connect(self.refilter)
+        self.model.on_change(self._use_model_thresholds)
+        self._on_image_changed(self._image.value)
+        self._show_model_status()
+        self._use_model_thresholds()
+
+    @property
+    def worker(self):
+        return self.task.worker
+
+    # -- parameters -----------------------------------------------------------------------
+    def _show_model_status(self) -> None:
+        if self.model.choice.value == DEFAULT_CHOICE and not DEFAULT_MODEL.exists():
+            self._status.value = "No default model is shipped in this install: choose a checkpoint file."
+
+    def _use_model_thresholds(self, *_) -> None:
+        """Start from the chosen model's own thresholds, as stardist-napari does."""
+        path = self.model.path()
+        try:
+            cfg = read_config(path) if path.is_file() else None
+        except CheckpointError:
+            cfg = None  # said when the user runs it
+        if cfg is not None:
+            limits = Thresholds().resolve(cfg)
+            with self._score.changed.blocked(), self._nms.changed.blocked():  # one refilter, not two
+                self._score.value = limits.score
+                self._nms.value = min(limits.nms_iou, self._nms.max)
+            self.refilter()
+
+    def _on_image_changed(self, layer) -> None:
+        if layer is None:
+            return
+        self._layer_pixel_size = layer_pixel_size(layer)
+        self._mpp.value = self._layer_pixel_size.mpp or 0.0
+        if self.task.worker is None:
+            self._status.value = f"{layer.name}: {self._layer_pixel_size.describe()}"
+
+    def pixel_size(self) -> PixelSize:
+        """The box's value: the image's own µm/px with its source, or what the user typed."""
+        value = round(float(self._mpp.value), 4)
+        if value == 0:
+            return PixelSize(None)
+        if self._layer_pixel_size.known and round(self._layer_pixel_size.mpp, 4) == value:
+            return self._layer_pixel_size
+        return PixelSize(value, EXPLICIT)
+
+    # -- running --------------------------------------------------------------------------
+    def run(self) -> None:
+        layer = self._image.value
+        if layer is None:
+            self._status.value = "Open an image first (File > Open, or File > Open Sample > napari-bach)."
+            return
+        path = self.model.path()
+        if not path.is_file():
+            self._status.value = f"Model file not found: {path}"
+            return
+        try:
+            rgb = layer_rgb(layer)
+        except ValueError as exc:
+            self.task.fail(exc)
+            return
+        source, placement = layer.name, {"scale": tuple(layer.scale[-2:]), "units": tuple(layer.units[-2:])}
+        known = layer_tissue_class(layer)
+        self.task.start(_segment, rgb, path, self._device.value, self.pixel_size(),
+                        done=lambda out: self._on_done(out, layer, source, placement, known))
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+    def _on_done(self, out, layer, source: str, placement: dict, known: str | None) -> None:
+        det, info, hema, model_mpp = out
+        edits = Edits(first_free=len(det) + 1)
+        kept = 0
+        if self.result is not None and self.result.source == source:
+            kept = self._carry_drawn_nuclei(edits)
+        ps = det.pixel_size
+        if ps.known and not np.allclose(layer.scale[-2:], ps.mpp):  # the image and its results in µm
+            layer.scale = (*layer.scale[:-2], ps.mpp, ps.mpp)
+            layer.units = (*layer.units[:-2], "um", "um")
+            layer.metadata = {**(layer.metadata or {}), **ps.metadata()}
+            placement = {"scale": tuple(layer.scale[-2:]), "units": tuple(layer.units[-2:])}
+        self.result = Result(det, info, hema, model_mpp, source, placement, known, edits)
+        self._tissue.value = tissue_text(det.tissue_probs, det.classes, known)
+        self.refilter()
+        self.measure()
+        self._status.value = self._count_text() + (f"\nkept {kept} nuclei you drew by hand" if kept else "")
+        if not info.nuclei_trained:
+            from napari.utils.notifications import show_info
+
+            show_info("napari-bach: this model is UNTRAINED; its masks are meaningless.")
+        self._viewer.scale_bar.visible = True
+
+    def _carry_drawn_nuclei(self, edits: Edits) -> int:
+        """A re-run keeps the nuclei drawn or redrawn by hand on the last result."""
+        old = self.result
+        self._absorb_edits()
+        for y0, x0, crop, _ in old.edits.drawn.values():
+            edits.drawn[edits.first_free + len(edits.drawn)] = (y0, x0, crop, np.nan)
+        return len(edits.drawn)
+
+    # -- results --------------------------------------------------------------------------
+    def _labels_layer(self):
+        return None if self.result is None else find_result_layer(
+            self._viewer, {"role": "nuclei", "source": self.result.source})
+
+    def _absorb_edits(self) -> None:
+        """Whatever the user changed in the labels layer since we last wrote it is an edit."""
+        r = self.result
+        layer = self._labels_layer()
+        if r.shown is not None and layer is not None and layer.data.shape == r.shown.shape:
+            r.edits.absorb(r.shown, np.asarray(layer.data), r.det.scores)
+
+    def refilter(self, *_) -> None:
+        """Re-apply score threshold and NMS to the cached candidates (no network), keeping
+        the user's edits; the full measurement table follows once the slider rests."""
+        if self.result is None:
+            return
+        r = self.result
+        self._absorb_edits()
+        r.seg = r.det.refilter(float(self._score.value), float(self._nms.value), r.edits)
+        r.shown = r.seg.labels.copy()  # the layer gets the array the user then edits in place
+        self._put_layers({"index": r.seg.ids, "score": r.seg.scores}, boxes=False)
+        self._measure_timer.start()
+        if self.task.worker is None:
+            self._status.value = self._count_text()
+
+    def measure(self) -> None:
+        """The per-nucleus table (µm at the result's own µm/px) and the boxes layer."""
+        self._measure_timer.stop()
+        if self.result is not None and self.result.seg is not None:
+            self._put_layers(measure_nuclei(self.result.seg, self.result.hema), boxes=True)
+
+    def _put_layers(self, features: dict, boxes: bool) -> None:
+        r = self.result
+        classes = r.det.classes
+        meta = {
+            "tissue_probs": None if r.det.tissue_probs is None else dict(zip(classes, map(float, r.det.tissue_probs))),
+            "tissue_class_from_file": r.known, "model": r.info.status, "model_name": r.info.name,
+            "score_threshold": float(self._score.value), "nms_iou": float(self._nms.value),
+            "first_free_id": r.edits.first_free, **r.det.pixel_size.metadata(),
+        }
+        labels, box_layer = result_layers(r.seg, r.source, r.placement, features, meta, boxes=boxes)
+        put_result_layer(self._viewer, *labels)
+        if box_layer is not None:
+            put_result_layer(self._viewer, *box_layer)
+
+    def _count_text(self) -> str:
+        r = self.result
+        lines = [f"{len(r.seg.ids)} nuclei" + (f" (with your edits: {len(r.edits.drawn)} drawn, "
+                                               f"{len(r.edits.removed)} model nuclei removed or redrawn)"
+                                               if r.edits else "")]
+        ps = r.det.pixel_size
+        if not ps.known:
+            lines.append(f"µm/px unknown: ran as if at the model's {r.model_mpp:g} µm/px; sizes in pixels "
+                         "(set µm/px and run again for µm)")
+        lines += r.info.status.split(", ")
+        return "\n".join(lines)

@@ -70,3 +70,56 @@ def test_corrupt_truncated_and_unsupported_files_raise_clear_errors(tmp_path):
         read_image(tmp_path / "notes.txt")
     with pytest.raises(ImageReadError, match="no such file"):
         read_image(tmp_path / "missing.png")
+
+
+def test_pixel_size_has_one_resolver_and_unknown_stays_unknown(tmp_path):
+    from napari_bach.pixelsize import resolve_mpp
+
+    bach = tmp_path / "iv001.tif"
+    assert resolve_mpp(path=bach).describe() == "0.42 µm/px (BACH file name)"
+    assert resolve_mpp(explicit=0.25, tags=0.5, path=bach).mpp == 0.25  # what the user typed wins
+    assert resolve_mpp(tags=0.5, path=bach, fallback=0.3).source == "file tags"
+    assert resolve_mpp(path=tmp_path / "x.png", fallback=0.3).mpp == 0.3
+    unknown = resolve_mpp(path=tmp_path / "x.png")
+    assert unknown.mpp is None and not unknown.known and unknown.describe() == "µm/px unknown"
+    with pytest.raises(ValueError, match="between"):
+        resolve_mpp(explicit=-1)
+
+
+def test_cmyk_jpeg_is_converted_not_read_as_alpha(tmp_path):
+    """K used to become alpha: the image opened white and gave 0 nuclei."""
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 180, 60, 140  # an H&E-ish purple
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(path, quality=100)
+    data = read_image(path)
+    assert data.rgb.shape == (32, 32, 3)
+    np.testing.assert_allclose(data.rgb.reshape(-1, 3).mean(0), (180, 60, 140), atol=8)
+    assert any("CMYK" in n for n in data.notices) and not any("alpha" in n for n in data.notices)
+
+
+def test_12_bit_data_in_16_bit_file_uses_its_bit_depth(tmp_path):
+    """Scaled by 65535 it was near black (and still 'found' hundreds of nuclei)."""
+    path = tmp_path / "cam.tif"
+    data12 = np.zeros((8, 8, 3), np.uint16)
+    data12[0, 0] = 4095
+    data12[1, 1] = 2048
+    tifffile.imwrite(path, data12)
+    d = read_image(path)
+    assert tuple(d.rgb[0, 0]) == (255, 255, 255) and d.rgb[1, 1, 0] == 128
+    assert "12-bit" in d.notices[0] and "4095" in d.notices[0]
+
+
+def test_multi_page_tiff_says_which_page_is_read(tmp_path):
+    path = tmp_path / "stack.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.full((16, 16, 3), 10, np.uint8))
+        tif.write(np.full((8, 8, 3), 200, np.uint8))
+    d = read_image(path)
+    assert (d.rgb == 10).all() and any("page 1 of 2" in n for n in d.notices)
+
+
+def test_opaque_rgba_needs_no_compositing(tmp_path):
+    path = tmp_path / "opaque.png"
+    Image.fromarray(np.full((4, 4, 4), 255, np.uint8)).save(path)
+    assert read_image(path).notices == []

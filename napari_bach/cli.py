@@ -1,4 +1,4 @@
-"""Command line: ``python -m napari_bach view|segment``.
+"""Command line: python -m napari_bach view|segment
 
 view     open napari with an image (default: the built-in sample) and the Segment widget
 segment  segment images headlessly with the same core as the widget
@@ -211,7 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--segment", action="store_true", help="segment right away with the default model")
     v.add_argument("--screenshot", metavar="PNG", help="segment, save a window screenshot to this PNG and quit")
     s = sub.add_parser("segment", help="segment images headlessly",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Writes OUT/<relative path>_labels.tif (int32 labels with µm/px tags), "
                                    "OUT/<relative path>_nuclei.csv and OUT/summary.csv. Exit code 1 when any "
                                    "input could not be read, 2 for wrong arguments or model.")
@@ -219,13 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=_out_folder, help="output folder (created if missing)")
     s.add_argument("--model", default=str(DEFAULT_MODEL), help="napari-bach checkpoint (default: the shipped model)")
     s.add_argument("--mpp", type=_mpp, default=None,
-                   help="µm/px for images whose file does not record it (TIFF tags or a BACH name win); "
-                        "without it such images are measured in pixels")
+                   help="µm/px for images whose file does not record it (TIFF tags or a BACH name win; "
+                        "default: none, such images are measured in pixels)")
     s.add_argument("--score-threshold", type=_score, default=None,
-                   help="keep nuclei scoring at least this (0–1; default: the model's own)")
+                   help="keep nuclei scoring at least this, 0–1 (default: the model's own)")
     s.add_argument("--nms-iou", type=_iou, default=None,
                    help="overlap above which the weaker of two nuclei is dropped (default: the model's own)")
-    s.add_argument("--device", type=_device, default="cpu", help="cpu, or cuda/mps where present")
+    s.add_argument("--device", type=_device, default="cpu", help="cpu, or cuda/mps where present (default: %(default)s)")
     return parser
 
 

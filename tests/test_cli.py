@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tifffile
 from PIL import Image
 
@@ -40,3 +41,112 @@ def test_segment_with_a_foreign_checkpoint_exits_with_a_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "napari_bach", "segment", str(tmp_path), "--out", str(tmp_path / "o"),
                            "--model", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a PyTorch checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _png(path, shape=(90, 110), seed=1):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(synthetic_he(shape, seed=seed)[0]).save(path)
+    return path
+
+
+def test_same_names_in_different_folders_mirror_the_input_tree(tmp_path, tiny_checkpoint):
+    """a/tile_0.png and b/tile_0.png used to write one tile_0_labels.tif between them."""
+    _png(tmp_path / "in" / "a" / "tile_0.png", seed=1)
+    _png(tmp_path / "in" / "b" / "tile_0.png", (70, 80), seed=2)
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_checkpoint),
+                 "--mpp", "0.5"]) == 0
+    assert tifffile.imread(out / "a" / "tile_0_labels.tif").shape == (90, 110)
+    assert tifffile.imread(out / "b" / "tile_0_labels.tif").shape == (70, 80)
+    assert (out / "a" / "tile_0_nuclei.csv").is_file() and (out / "b" / "tile_0_nuclei.csv").is_file()
+
+
+def test_inputs_that_would_overwrite_each_other_are_refused_before_any_work(tmp_path, tiny_checkpoint, capsys):
+    _png(tmp_path / "in" / "b" / "tile_0.png")
+    Image.open(tmp_path / "in" / "b" / "tile_0.png").save(tmp_path / "in" / "b" / "tile_0.jpg")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert "same output files" in err and "tile_0.png" in err and "tile_0.jpg" in err
+    assert not out.exists()  # nothing written
+
+
+def test_exit_code_and_count_when_inputs_fail(tmp_path, tiny_checkpoint, capsys):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    args = ["--out", str(tmp_path / "out"), "--model", str(tiny_checkpoint)]
+    assert main(["segment", str(tmp_path / "broken.png"), str(tmp_path / "missing.tif"), *args]) == 1
+    assert "0 of 2 images segmented, 2 failed" in capsys.readouterr().err
+    good = _png(tmp_path / "good.png")
+    assert main(["segment", str(good), *args]) == 0
+    assert "1 of 1 images segmented, 0 failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mpp", "0"], "µm/px must be between"),  # 0 used to mean "not given"
+    (["--mpp", "-1"], "µm/px must be between"),  # gave 0 nuclei with exit 0
+    (["--score-threshold", "2"], "score threshold must be between 0 and 1"),
+    (["--nms-iou", "0"], "NMS IoU must be above 0"),
+    (["--device", "gpu"], "this machine has: cpu"),
+    (["--device", "cuda"], "not available here"),
+])
+def test_impossible_arguments_are_argparse_errors(tmp_path, extra, message):
+    if "cuda" in extra and "cuda" in __import__("napari_bach.predict", fromlist=["x"]).available_devices():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, "-m", "napari_bach", "segment", str(tmp_path), "--out",
+                           str(tmp_path / "o"), *extra], capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_out_that_is_a_file_and_view_of_a_missing_image_are_messages(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    for argv, message in ((["segment", str(tmp_path), "--out", str(tmp_path / "taken")], "not a folder"),
+                          (["view", str(tmp_path / "missing.png")], "no such file")):
+        proc = subprocess.run([sys.executable, "-m", "napari_bach", *argv], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_is_plain_text_with_every_option_explained():
+    from napari_bach.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["segment"].format_help()
+    assert "``" not in text and "`" not in build_parser().format_help()
+    for option in ("--out", "--model", "--mpp", "--score-threshold", "--nms-iou", "--device"):
+        line = text[text.index(option):].split("\n--")[0]
+        assert len(line.split()) > 3, option  # an explanation, not the bare flag
+    assert "default: cpu" in text
+
+
+def test_pixel_size_per_image_tags_first_and_labels_carry_it(tmp_path, tiny_checkpoint, capsys):
+    """Mixed folder: a tagged TIFF keeps its own µm/px, --mpp fills in for the untagged
+    PNG, a grayscale conversion is said, and label TIFFs open at scale in QuPath/Fiji."""
+    from napari_bach.pixelsize import file_mpp
+
+    folder = tmp_path / "in"
+    rgb = synthetic_he((80, 90), seed=3)[0]
+    folder.mkdir()
+    tifffile.imwrite(folder / "tagged.tif", rgb, resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "--out", str(out), "--model", str(tiny_checkpoint), "--mpp", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "grayscale image converted to RGB" in err
+    with open(out / "summary.csv") as fh:
+        rows = {r["image"].rsplit("/", 1)[-1]: r for r in csv.DictReader(fh)}
+    assert (rows["tagged.tif"]["mpp"], rows["tagged.tif"]["mpp_source"]) == ("0.25", "file tags")
+    assert (rows["gray.png"]["mpp"], rows["gray.png"]["mpp_source"]) == ("0.5", "default")
+    assert file_mpp(out / "tagged_labels.tif") == pytest.approx(0.25)
+    assert file_mpp(out / "gray_labels.tif") == pytest.approx(0.5)
+
+
+def test_unknown_pixel_size_is_said_and_sizes_stay_in_pixels(tmp_path, tiny_checkpoint, capsys):
+    png = _png(tmp_path / "plain.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(png), "--out", str(out), "--model", str(tiny_checkpoint),
+                 "--score-threshold", "0.05"]) == 0
+    assert "µm/px unknown" in capsys.readouterr().err
+    with open(out / "summary.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["mpp"] == "" and row["mpp_source"] == "unknown"
+    with open(out / "plain_nuclei.csv") as fh:
+        nuclei = list(csv.DictReader(fh))
+    assert nuclei and all(r["area_um2"] == "nan" and float(r["area_px"]) > 0 for r in nuclei)

@@ -150,3 +150,72 @@ def test_npe2_writer_exports_a_sample(tmp_path):
     np.testing.assert_array_equal(sample.labels, labels)
     with pytest.raises(ValueError, match="exactly one image"):
         write_training_sample(str(tmp_path / "ds"), [(rgb, {"name": "x"}, "image")])
+
+
+def test_typed_pixel_size_reaches_edits_export_and_report(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    """An untagged image, 0.25 typed in Segment nuclei: Correct recomputed areas at 0.42,
+    meta.json/manifest.json recorded 0.42 and the PDF said 0.42 µm/px (issue 9, item 1)."""
+    import json
+
+    viewer = make_napari_viewer()
+    rgb, _ = synthetic_he((160, 200), seed=12)
+    viewer.add_image(rgb, name="plain", rgb=True)
+    seg = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(seg)
+    assert seg._mpp.native.text() == "unknown" and seg.pixel_size().mpp is None  # no silent 0.42
+    seg.model.use_file(tiny_checkpoint)
+    seg._score.value = 0.05
+    seg._mpp.value = 0.2527
+    assert seg._mpp.value == pytest.approx(0.2527)  # 4 decimals, not 0.25
+    seg._mpp.value = 0.25
+    seg.run()
+    qtbot.waitUntil(lambda: seg.worker is None, timeout=120_000)
+    image, nuclei = viewer.layers["plain"], viewer.layers["plain nuclei"]
+    assert image.scale[-1] == pytest.approx(0.25) and nuclei.scale[-1] == pytest.approx(0.25)
+    assert nuclei.metadata["mpp"] == 0.25 and nuclei.metadata["mpp_source"] == "given"
+    table = nuclei.features
+    np.testing.assert_allclose(table["area_um2"], table["area_px"] * 0.0625)
+
+    cur = CurateWidget(viewer)
+    viewer.window.add_dock_widget(cur)
+    cur._image.value, cur._nuclei.value = image, nuclei
+    nuclei.selected_label = int(nuclei.features["index"].iloc[0])
+    cur.delete_selected()  # the first edit
+    np.testing.assert_allclose(nuclei.features["area_um2"], nuclei.features["area_px"] * 0.0625)
+    cur._dataset.value = str(tmp_path / "ds")
+    folder = cur.export()
+    assert json.loads((folder / "meta.json").read_text())["mpp"] == 0.25
+    assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["samples"][0]["mpp"] == 0.25
+    cur._report.value = str(tmp_path / "r.pdf")
+    cur.save_report()
+    assert cur.numbers["mpp"] == 0.25
+    assert cur.numbers["image_area_mm2"] == pytest.approx(160 * 200 * 0.25**2 * 1e-6)
+
+
+def test_unknown_pixel_size_measures_in_pixels_everywhere(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_he((120, 150), seed=13)[0], name="plain", rgb=True)
+    seg = SegmentWidget(viewer)
+    seg.model.use_file(tiny_checkpoint)
+    seg._score.value = 0.05
+    seg.run()
+    qtbot.waitUntil(lambda: seg.worker is None, timeout=120_000)
+    assert "µm/px unknown" in seg._status.value
+    nuclei = viewer.layers["plain nuclei"]
+    assert nuclei.metadata["mpp"] is None and nuclei.features["area_um2"].isna().all()
+    cur = CurateWidget(viewer)
+    cur._image.value, cur._nuclei.value = viewer.layers["plain"], nuclei
+    cur._report.value = str(tmp_path / "r.pdf")
+    cur.save_report()
+    assert cur.numbers["mpp"] is None and cur.numbers["area_unit"] == "px²" and "density_per_mm2" not in cur.numbers
+    cur.remove_small()
+    assert "µm/px unknown" in cur._status.value
+
+
+def test_saving_into_a_missing_folder_is_a_message(segmented, tmp_path):
+    viewer, cur = segmented
+    cur._figure.value = str(tmp_path / "nowhere" / "f.png")
+    assert cur.save_figure() is None and "does not exist" in cur._status.value
+    cur._report.value = str(tmp_path / "nowhere" / "r.pdf")
+    assert cur.save_report() is None and "does not exist" in cur._status.value
+    assert not (tmp_path / "nowhere").exists()

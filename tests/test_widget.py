@@ -163,3 +163,66 @@ def test_closing_the_viewer_during_a_run_is_harmless(make_napari_viewer, qtbot, 
     with qtbot.waitSignal(worker.finished, timeout=120_000):
         viewer.close()
     assert w.task.closed
+
+
+def test_edits_survive_the_sliders(viewer, qtbot, tiny_checkpoint):
+    """Delete 3 nuclei, paint 1, move the score slider 0.30 -> 0.31: edits used to vanish."""
+    rgb, _ = synthetic_he((200, 240), seed=3)
+    viewer.add_image(rgb, name="he", rgb=True, metadata={"mpp": 0.42})
+    w = _widget(viewer, tiny_checkpoint, score=0.30)
+    _run_and_wait(qtbot, w)
+    w._score.value = 0.05
+    layer = viewer.layers["he nuclei"]
+    ids = [int(i) for i in np.unique(layer.data)[1:4]]
+    data = layer.data
+    for i in ids:
+        data[data == i] = 0  # deleted by hand (Correct widget or the eraser)
+    new = int(layer.metadata["first_free_id"])
+    data[2:12, 2:12] = new  # painted by hand
+    layer.data = data
+    for value in (0.30, 0.31, 0.05):
+        w._score.value = value
+        now = viewer.layers["he nuclei"].data
+        assert not set(ids) & set(np.unique(now).tolist()), value
+        assert (now[2:12, 2:12] == new).all(), value
+    w.measure()
+    table = viewer.layers["he nuclei"].features
+    assert new in set(table["index"]) and np.isnan(table.set_index("index").loc[new, "score"])
+    assert "with your edits" in w._status.value
+    _run_and_wait(qtbot, w)  # a re-run keeps what was drawn by hand
+    assert (viewer.layers["he nuclei"].data[2:12, 2:12] > 0).all() and "drew by hand" in w._status.value
+
+
+def test_image_opened_by_another_reader_keeps_its_scale_and_class(viewer, tmp_path):
+    """File > Open with napari's builtin reader lost µm/px and the BACH class."""
+    path = tmp_path / "b003.png"
+    from PIL import Image
+    Image.fromarray(synthetic_he((64, 80), seed=2)[0]).save(path)
+    viewer.open(str(path), plugin="napari")
+    w = SegmentWidget(viewer)
+    assert w._mpp.value == pytest.approx(0.42) and w.pixel_size().source == "BACH file name"
+    assert "0.42 µm/px (BACH file name)" in w._status.value
+    from napari_bach._qt.common import layer_tissue_class
+    assert layer_tissue_class(viewer.layers[0]) == "Benign"
+
+
+def test_model_rows_line_up_and_docks_scroll(viewer):
+    """The Model row sat in a nested form, out of line; two docks overflowed 1000 px."""
+    w = SegmentWidget(viewer)
+    assert w.model.choice in list(w) and w.model.file in list(w)
+    from qtpy.QtWidgets import QScrollArea
+    assert isinstance(w.root_native_widget, QScrollArea)
+
+
+def test_a_failed_run_resets_progress_and_a_new_run_clears_the_status(viewer, qtbot, tiny_checkpoint, tmp_path):
+    viewer.add_image(np.full((60, 60, 3), 120, np.uint8), name="img", rgb=True, metadata={"mpp": 0.42})
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    w = _widget(viewer, bad)
+    _run_and_wait(qtbot, w)
+    assert "Failed" in w._status.value
+    w.model.use_file(tiny_checkpoint)
+    w.run()
+    assert w._status.value == "Starting…" and w._progress.value == 0
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
+    assert "Failed" not in w._status.value and "nuclei" in w._status.value

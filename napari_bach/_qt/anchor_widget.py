@@ -86,7 +86,8 @@ class AnchorWidget(Container):
                      self._nms, self._show_proposals, self._cancel, self._progress, self._status])
         self.task = BackgroundTask(self._progress, self._status, [self._show_anchors, self._show_proposals],
                                    self._cancel)
-        self.native.destroyed.connect(lambda *_, task=self.task: task.close())
+        task = self.task  # not self: the Python side may be gone when Qt destroys the widget
+        self.native.destroyed.connect(lambda *_: task.close())
         self._show_anchors.changed.connect(self.show_anchors)
         self._show_proposals.changed.connect(self.show_proposals)
 

@@ -87,7 +87,8 @@ class SegmentWidget(Container):
         self._measure_timer.setSingleShot(True)
         self._measure_timer.setInterval(MEASURE_DELAY_MS)
         self._measure_timer.timeout.connect(self.measure)
-        self.native.destroyed.connect(lambda *_, task=self.task: task.close())
+        task = self.task  # not self: the Python side may be gone when Qt destroys the widget
+        self.native.destroyed.connect(lambda *_: task.close())
         self._image.changed.connect(self._on_image_changed)
         self._run.changed.connect(self.run)
         self._score.changed.connect(self.refilter)

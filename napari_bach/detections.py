@@ -77,12 +77,12 @@ class Detections:
         order = self.select(score_threshold, nms_iou)
         if edits is not None and edits.removed:
             order = order[~np.isin(order + 1, np.fromiter(edits.removed, np.int64))]
-        labels = paste_labels(self.image_shape, self.offsets, self.crops, order)
+        labels, written = paste_labels(self.image_shape, self.offsets, self.crops, order)
         ids, boxes, scores = order + 1, self.boxes[order], self.scores[order]
-        if edits is not None and edits.drawn:
+        visible = written > 0  # drop candidates whose mask was empty or fully covered
+        if edits is not None and edits.drawn:  # hand-drawn nuclei may cover model ones
             ids, boxes, scores = edits.paste_onto(labels, ids, boxes, scores)
-        present = np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1) > 0
-        visible = present[ids]  # drop candidates whose mask was empty or fully covered
+            visible = (np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1) > 0)[ids]
         return Segmentation(labels, ids[visible], boxes[visible], scores[visible], self.pixel_size)
 
     @classmethod

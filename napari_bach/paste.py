@@ -48,15 +48,19 @@ def mask_crops(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int,
 
 
 def paste_labels(shape: tuple[int, int], offsets: np.ndarray, crops: list[np.ndarray],
-                 order: np.ndarray) -> np.ndarray:
+                 order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Paste crops in ``order`` into one int32 label image, crop ``i`` as label ``i + 1``;
-    earlier crops keep contested pixels (pass them best-first)."""
+    earlier crops keep contested pixels (pass them best-first). Also returns how many
+    pixels each pasted crop got (0: empty or fully covered)."""
     labels = np.zeros(shape, np.int32)
-    for i in order:
+    written = np.zeros(len(order), np.int64)
+    for k, i in enumerate(order):
         crop = crops[i]
         if crop.size == 0:
             continue
         y0, x0 = offsets[i]
         region = labels[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
-        region[crop & (region == 0)] = i + 1
-    return labels
+        free = crop & (region == 0)
+        region[free] = i + 1
+        written[k] = np.count_nonzero(free)
+    return labels, written

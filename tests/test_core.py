@@ -79,8 +79,9 @@ def test_refilter_drops_fully_covered_candidates_and_consecutive_renumbers():
 
 
 def test_paste_labels_first_crop_wins():
-    labels = paste_labels((5, 5), np.array([[0, 0], [1, 1]]), [np.ones((3, 3), bool)] * 2, np.array([1, 0]))
+    labels, written = paste_labels((5, 5), np.array([[0, 0], [1, 1]]), [np.ones((3, 3), bool)] * 2, np.array([1, 0]))
     assert labels[1, 1] == 2 and labels[0, 0] == 1 and labels[3, 3] == 2
+    assert written.tolist() == [9, 5]
 
 
 def test_measurements_equal_scikit_image_regionprops():

@@ -31,6 +31,12 @@ def _run_and_wait(qtbot, w, timeout=120_000):
     qtbot.waitUntil(lambda: w.worker is None, timeout=timeout)
 
 
+def _slide(qtbot, slider, value):
+    """Move a slider as a user would: the widget re-filters once Qt is idle."""
+    slider.value = value
+    qtbot.wait(1)
+
+
 def _result_layers(viewer):
     return [l for l in viewer.layers if "napari_bach" in (l.metadata or {})]
 
@@ -109,7 +115,7 @@ def test_run_shows_layers_refilters_live_and_rerun_replaces(viewer, qtbot, tiny_
 
     # a stricter threshold re-filters the cached detections: fewer nuclei, no new run
     det = w.result.det
-    w._score.value = float(np.quantile(det.scores, 0.9))
+    _slide(qtbot, w._score, float(np.quantile(det.scores, 0.9)))
     assert w.worker is None and w.result.det is det
     w.measure()  # boxes and the table follow when the slider rests
     shown = np.unique(viewer.layers["he nuclei"].data)[1:]
@@ -171,7 +177,7 @@ def test_edits_survive_the_sliders(viewer, qtbot, tiny_checkpoint):
     viewer.add_image(rgb, name="he", rgb=True, metadata={"mpp": 0.42})
     w = _widget(viewer, tiny_checkpoint, score=0.30)
     _run_and_wait(qtbot, w)
-    w._score.value = 0.05
+    _slide(qtbot, w._score, 0.05)
     layer = viewer.layers["he nuclei"]
     ids = [int(i) for i in np.unique(layer.data)[1:4]]
     data = layer.data
@@ -181,7 +187,7 @@ def test_edits_survive_the_sliders(viewer, qtbot, tiny_checkpoint):
     data[2:12, 2:12] = new  # painted by hand
     layer.data = data
     for value in (0.30, 0.31, 0.05):
-        w._score.value = value
+        _slide(qtbot, w._score, value)
         now = viewer.layers["he nuclei"].data
         assert not set(ids) & set(np.unique(now).tolist()), value
         assert (now[2:12, 2:12] == new).all(), value

@@ -87,12 +87,17 @@ class SegmentWidget(Container):
         self._measure_timer.setSingleShot(True)
         self._measure_timer.setInterval(MEASURE_DELAY_MS)
         self._measure_timer.timeout.connect(self.measure)
+        # A drag sends many values: re-filter once for the latest when Qt is idle, never a backlog.
+        self._refilter_timer = QTimer()
+        self._refilter_timer.setSingleShot(True)
+        self._refilter_timer.setInterval(0)
+        self._refilter_timer.timeout.connect(self.refilter)
         task = self.task  # not self: the Python side may be gone when Qt destroys the widget
         self.native.destroyed.connect(lambda *_: task.close())
         self._image.changed.connect(self._on_image_changed)
         self._run.changed.connect(self.run)
-        self._score.changed.connect(self.refilter)
-        self._nms.changed.connect(self.refilter)
+        self._score.changed.connect(lambda _: self._refilter_timer.start())
+        self._nms.changed.connect(lambda _: self._refilter_timer.start())
         self.model.on_change(self._use_model_thresholds)
         self._on_image_changed(self._image.value)
         self._show_model_status()
@@ -207,13 +212,22 @@ class SegmentWidget(Container):
     def refilter(self, *_) -> None:
         """Re-apply score threshold and NMS to the cached candidates (no network), keeping
         the user's edits; the full measurement table follows once the slider rests."""
+        self._refilter_timer.stop()
         if self.result is None:
             return
         r = self.result
         self._absorb_edits()
         r.seg = r.det.refilter(float(self._score.value), float(self._nms.value), r.edits)
-        r.shown = r.seg.labels.copy()  # the layer gets the array the user then edits in place
+        layer = self._labels_layer()
+        if layer is not None and layer.data.shape == r.seg.labels.shape:
+            # Only the nuclei that appear or disappear are written: a partial redraw, not
+            # a new layer image (napari records it as one undo step).
+            changed = np.flatnonzero(np.asarray(layer.data).ravel() != r.seg.labels.ravel())
+            if changed.size:
+                layer.data_setitem(np.unravel_index(changed, layer.data.shape), r.seg.labels.ravel()[changed])
+            r.seg.labels = layer.data
         self._put_layers({"index": r.seg.ids, "score": r.seg.scores}, boxes=False)
+        r.shown = np.array(r.seg.labels)  # a copy: the user edits the layer's array in place
         self._measure_timer.start()
         if self.task.worker is None:
             self._status.value = self._count_text()

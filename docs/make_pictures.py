@@ -70,6 +70,7 @@ def main() -> None:
     anchors.show_proposals()
     _wait(anchors)
     anchors.show_anchors()
+    _wait(anchors)
     viewer.layers["proposals before NMS"].visible = False
     viewer.layers[f"{image.name} boxes"].visible = False
     _shot(viewer, out / "anchors.png")

@@ -15,7 +15,7 @@ from magicgui.widgets import (ComboBox, Container, FloatSpinBox, Label, LineEdit
 from ..anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, iter_anchors_in_region, iter_proposals, make_generator
 from ..checkpoint import cached_model
 from ..edit import segmentation_from_labels
-from .common import EXPECTED_ERRORS, BackgroundTask, ModelPicker, layer_pixel_size, layer_rgb, wrap
+from .common import EXPECTED_ERRORS, BackgroundTask, ModelPicker, layer_pixel_size, layer_rgb, row, wrap
 from .layers import box_corners
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class AnchorWidget(Container):
     """Anchors per FPN level, their training labels, and RPN proposals before/after NMS."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
-        super().__init__(labels=True, scrollable=True)
+        super().__init__(labels=True)
         self._viewer = viewer
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
         self.model = ModelPicker()
@@ -83,7 +83,7 @@ class AnchorWidget(Container):
         wrap(self._status)
         self.extend([self._image, *self.model.widgets, self._levels, self._sizes, self._ratios, self._region,
                      self._region_layer, self._nuclei, self._fg, self._bg, self._cap, self._show_anchors, self._k,
-                     self._nms, self._show_proposals, self._cancel, self._progress, self._status])
+                     self._nms, row(self._show_proposals, self._cancel), self._progress, self._status])
         self.task = BackgroundTask(self._progress, self._status, [self._show_anchors, self._show_proposals],
                                    self._cancel)
         task = self.task  # not self: the Python side may be gone when Qt destroys the widget

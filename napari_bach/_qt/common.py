@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from magicgui.widgets import ComboBox, FileEdit, Label, ProgressBar, PushButton
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton
 
 from ..checkpoint import DEFAULT_MODEL, CheckpointError
 from ..imageio import ImageReadError, bach_class_from_path, to_rgb_uint8
@@ -143,6 +143,13 @@ def find_result_layer(viewer, role: dict):
         if (layer.metadata or {}).get(ROLE_KEY) == role:
             return layer
     return None
+
+
+def row(*widgets) -> Container:
+    """Widgets side by side in one form row: keeps two docks within a 1000 px screen."""
+    box = Container(layout="horizontal", labels=False, widgets=widgets)
+    box.margins = (0, 0, 0, 0)
+    return box
 
 
 def wrap(label: Label) -> None:

@@ -18,7 +18,7 @@ from ..edit import delete_label, next_free_label, relabel_consecutive, remove_sm
 from ..export import SampleExistsError, export_sample
 from ..measure import hematoxylin, measure_nuclei
 from ..report import report_numbers, write_nuclei_csv, write_report
-from .common import check_output_file, layer_rgb, layer_tissue_class, put_result_layer, result_pixel_size, wrap
+from .common import check_output_file, layer_rgb, layer_tissue_class, put_result_layer, result_pixel_size, row, wrap
 from .layers import ROLE_KEY, result_layers
 
 if TYPE_CHECKING:
@@ -30,14 +30,14 @@ FULL, VIEW = "Full image resolution", "Current view"
 
 class CurateWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
-        super().__init__(labels=True, scrollable=True)
+        super().__init__(labels=True)
         self._viewer = viewer
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
         self._nuclei = create_widget(label="Nuclei", annotation="napari.layers.Labels")
-        self._new = PushButton(text="Paint a new nucleus")
-        self._delete = PushButton(text="Delete selected nucleus")
+        self._new = PushButton(text="Paint new nucleus")
+        self._delete = PushButton(text="Delete selected")
         self._min_area = FloatSpinBox(label="Min area µm²", min=0.0, max=1000.0, step=1.0, value=10.0)
-        self._remove_small = PushButton(text="Remove smaller nuclei")
+        self._remove_small = PushButton(text="Remove smaller")
         self._relabel = PushButton(text="Relabel 1…N")
         self._tissue = ComboBox(label="Tissue class", choices=[FROM_MODEL, *BACH_CLASSES], value=FROM_MODEL)
         self._dataset = FileEdit(label="Dataset folder", mode="d")
@@ -51,10 +51,10 @@ class CurateWidget(Container):
         self._save_report = PushButton(text="Save report (+ nuclei CSV)")
         self._status = Label(label="Status", value="")
         wrap(self._status)
-        self.extend([self._image, self._nuclei, self._new, self._delete, self._min_area, self._remove_small,
-                     self._relabel, self._tissue, self._dataset, self._sample, self._on_exists, self._export,
-                     self._figure_mode, self._figure, self._save_figure, self._report, self._save_report,
-                     self._status])
+        self.extend([self._image, self._nuclei, row(self._new, self._delete), self._min_area,
+                     row(self._remove_small, self._relabel), self._tissue, self._dataset, self._sample,
+                     self._on_exists, self._export, self._figure_mode, self._figure, self._save_figure, self._report,
+                     self._save_report, self._status])
         self.numbers: dict | None = None
         self._new.changed.connect(self.paint_new)
         self._delete.changed.connect(self.delete_selected)

@@ -19,7 +19,7 @@ from ..measure import hematoxylin, measure_nuclei
 from ..pixelsize import EXPLICIT, PixelSize
 from ..predict import available_devices, iter_predict
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, layer_pixel_size, layer_rgb, layer_tissue_class,
-                     put_result_layer, tissue_text, wrap)
+                     put_result_layer, row, tissue_text, wrap)
 from .layers import ROLE_KEY, result_layers
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class SegmentWidget(Container):
     """Mask R-CNN nuclei + tissue class for the chosen image layer."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
-        super().__init__(labels=True, scrollable=True)
+        super().__init__(labels=True)
         self._viewer = viewer
         cfg = ModelConfig()
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
@@ -78,7 +78,7 @@ class SegmentWidget(Container):
         self.result: Result | None = None
         self._layer_pixel_size = PixelSize(None)
         self.extend([self._image, *self.model.widgets, self._device, self._mpp, self._score, self._nms,
-                     self._run, self._cancel, self._progress, self._status, self._tissue])
+                     row(self._run, self._cancel), self._progress, self._status, self._tissue])
         for label in (self._status, self._tissue):
             wrap(label)
         from qtpy.QtCore import QTimer

@@ -3,7 +3,8 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_pictures.py [IMAGE] [--model PATH] [--out DIR]
 
 Writes screenshot.png (Segment nuclei), anchors.png (RPN anchors & proposals),
-figure.png ("Save figure") and report.png (page 1 of "Save report", via pdftoppm).
+figure.png ("Save figure"), report.png (page 1 of "Save report", via pdftoppm) and
+slide.png (Segment slide on a synthetic pyramidal slide, a region streamed to disk).
 Without IMAGE it uses the built-in synthetic sample, so nothing third-party is committed.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import napari
+import numpy as np
 from qtpy.QtWidgets import QApplication, QWidget
 
 
@@ -91,6 +93,37 @@ def main() -> None:
                             str(out / "report")], check=True)
         print(curate._status.value)
     viewer.close()
+    slide_picture(out, args.model)
+
+
+def slide_picture(out: Path, model: str | None) -> None:
+    """A synthetic 6000×8000 slide opened lazily, one region streamed to disk."""
+    from napari_bach.synthetic import write_synthetic_slide
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "synthetic_slide.tif"
+        write_synthetic_slide(path, (6000, 8000), mpp=0.25, seed=3)
+        viewer = napari.Viewer()
+        viewer.window._qt_window.resize(1600, 1000)
+        viewer.open(str(path), plugin="napari-bach")
+        _, widget = viewer.window.add_plugin_dock_widget("napari-bach", "Segment slide")
+        if model:
+            widget.model.use_file(model)
+        mpp = 0.25
+        box = np.array([[2600, 3400], [2600, 4600], [3500, 4600], [3500, 3400]]) * mpp
+        viewer.add_shapes([box], shape_type="rectangle", name="region", edge_color="cyan", face_color="transparent",
+                          edge_width=8)
+        widget._region.value = "Boxes in a Shapes layer"
+        widget._region_layer.value = viewer.layers["region"]
+        widget._out.value = str(Path(tmp) / "out")
+        widget.run()
+        _wait(widget)
+        viewer.camera.center = (3050 * mpp, 4000 * mpp)
+        viewer.camera.zoom = 1.6
+        viewer.layers.selection.active = viewer.layers[-1]
+        _shot(viewer, out / "slide.png")
+        print(widget._status.value)
+        viewer.close()
 
 
 if __name__ == "__main__":

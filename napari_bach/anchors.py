@@ -160,7 +160,10 @@ def iter_proposals(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None
     if x1 <= x0 or y1 <= y0:
         raise ValueError("the region is empty: zoom or pan so the image is in view, or draw a box")
 
-    def rpn(crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rpn(crops: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [rpn_one(crop) for crop in crops]
+
+    def rpn_one(crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, _ = model.transform([crop])
         feats = list(model.backbone(batch.tensors).values())
         objectness, deltas = model.rpn.head(feats)
@@ -176,7 +179,7 @@ def iter_proposals(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None
     for tile, (boxes, scores), _ in outputs:
         boxes, own = geometry.to_image(boxes, tile)
         all_boxes.append(boxes[own])
-        all_scores.append(scores.cpu()[own])
+        all_scores.append(scores.float().cpu()[own])
     boxes, scores = torch.cat(all_boxes), torch.cat(all_scores)
     order = scores.argsort(descending=True)
     after = nms(boxes, scores, nms_iou)[:k]

@@ -35,14 +35,17 @@ class Job:
     relative: Path
 
     def output(self, out: Path, suffix: str) -> Path:
-        return out / self.relative.parent / f"{self.relative.stem}{suffix}"
+        return out / self.relative.parent / f"{self.relative.name.split('.')[0]}{suffix}"
 
 
 def find_jobs(inputs: list[str]) -> list[Job]:
-    """Images in the files and folders given (folders searched recursively), each once."""
+    """Images and slides in the files and folders given (folders searched recursively), each once."""
+    from .slide import SLIDE_SUFFIXES
+
+    suffixes = IMAGE_SUFFIXES + SLIDE_SUFFIXES
     jobs, seen = [], set()
     for item in map(Path, inputs):
-        found = ([Job(p, p.relative_to(item)) for p in sorted(item.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        found = ([Job(p, p.relative_to(item)) for p in sorted(item.rglob("*")) if p.suffix.lower() in suffixes]
                  if item.is_dir() else [Job(item, Path(item.name))])
         for job in found:
             key = job.path.resolve()
@@ -56,20 +59,78 @@ def output_collisions(jobs: list[Job]) -> list[list[Path]]:
     """Groups of inputs that would write the same output files (same folder and stem)."""
     by_output: dict[Path, list[Path]] = {}
     for job in jobs:
-        by_output.setdefault(job.relative.parent / job.relative.stem, []).append(job.path)
+        by_output.setdefault(job.relative.parent / job.relative.name.split(".")[0], []).append(job.path)
     return [paths for paths in by_output.values() if len(paths) > 1]
+
+
+@dataclass(frozen=True)
+class SlideOptions:
+    """How slides are segmented: region, block size, and where (this process or dask)."""
+
+    region: tuple[int, int, int, int] | None = None  # y0 x0 y1 x1, level-0 pixels
+    block_size: int = 4096
+    workers: int = 0  # > 0: a dask LocalCluster with this many workers
+    scheduler: str | None = None  # address of an existing dask scheduler
+
+
+def segment_slides(jobs: list[Job], out: Path, model_path, mpp, thresholds, device, options: SlideOptions,
+                   log: Callable[[str], None]) -> tuple[list[dict], int]:
+    """Every slide streamed to disk, here or one task per slide on a dask cluster (each
+    worker loads the model once; results are written by the workers)."""
+    from .slide import segment_slide_file
+
+    def args(job: Job) -> tuple:
+        folder = job.output(out, "").parent
+        folder.mkdir(parents=True, exist_ok=True)
+        return (str(job.path), str(folder), str(model_path), mpp, thresholds, device, options.region, True,
+                options.block_size)
+
+    rows, failed = [], 0
+    if not (options.workers or options.scheduler):
+        for n, job in enumerate(jobs, start=1):
+            def report(step, name=f"[slide {n}/{len(jobs)}] {job.path.name}"):
+                if ": tile " not in step.message:  # one line per block, not per tile
+                    log(f"{name}: {step.message}")
+            try:
+                rows.append(segment_slide_file(*args(job), progress=report))
+            except Exception as exc:  # one bad slide must not stop the others
+                rows.append({"image": str(job.path), "error": f"{exc.__class__.__name__}: {exc}"})
+                log(f"{job.path.name}: failed: {exc}")
+                failed += 1
+        return rows, failed
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None if options.scheduler else LocalCluster(n_workers=options.workers, threads_per_worker=1)
+    with Client(options.scheduler or cluster) as client:
+        where = options.scheduler or f"a local cluster of {options.workers} workers"
+        log(f"dask: {len(jobs)} slides on {where}")
+        futures = {client.submit(segment_slide_file, *args(job), pure=False): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                rows.append(future.result())
+                log(f"{job.path.name}: {rows[-1]['nuclei']} nuclei ({rows[-1].get('note', '')})")
+            except Exception as exc:
+                rows.append({"image": str(job.path), "error": f"{exc.__class__.__name__}: {exc}"})
+                log(f"{job.path.name}: failed: {exc}")
+                failed += 1
+    if cluster is not None:
+        cluster.close()
+    return rows, failed
 
 
 def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = DEFAULT_MODEL,
                   mpp: float | None = None, thresholds: Thresholds = Thresholds(), device: str = "cpu",
-                  log: Callable[[str], None] = print, progress: bool = False) -> tuple[Path, int]:
-    """Segment every image; write ``<stem>_labels.tif`` and ``<stem>_nuclei.csv`` beside
-    the input's relative path under ``out``, and ``summary.csv``. ``mpp`` is used for images
-    whose file does not say. Returns the summary path and the number of inputs that failed.
-    Raises :class:`OutputClash` before any work when two inputs would write the same files."""
+                  log: Callable[[str], None] = print, progress: bool = False,
+                  slides: SlideOptions = SlideOptions()) -> tuple[Path, int]:
+    """Segment every image and slide; write ``<stem>_labels.tif`` and ``<stem>_nuclei.csv``
+    (slides: ``_labels.zarr``, ``_nuclei.csv``, ``_nuclei.geojson``) beside the input's
+    relative path under ``out``, and ``summary.csv``. ``mpp`` is used for files that do not
+    say. Returns the summary path and the number of inputs that failed. Raises
+    :class:`OutputClash` before any work when two inputs would write the same files."""
     from tqdm import tqdm
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import cached_model
     from .export import write_labels_tiff
     from .measure import hematoxylin, measure_nuclei
     from .predict import predict
@@ -83,7 +144,13 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
                          "into different --out folders")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, info = load_checkpoint(model_path, device)
+    from .slide import is_slide
+
+    model, info = cached_model(model_path, device)  # a wrong model stops here, before any work
+    slide_jobs = [job for job in jobs if is_slide(job.path)]
+    jobs = [job for job in jobs if job not in slide_jobs]
+    slide_rows, slide_failed = (segment_slides(slide_jobs, out, model_path, mpp, thresholds, device, slides, log)
+                                if slide_jobs else ([], 0))
     cfg = model.config
     limits = thresholds.resolve(cfg)
     log(f"model: {info.status}; score ≥ {limits.score:g}, NMS IoU {limits.nms_iou:g}")
@@ -126,12 +193,15 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         rows.append(row)
         log(f"[{n}/{len(jobs)}] {job.path.name}: {len(seg.ids)} nuclei, {pixel_size.describe()}, "
             f"tissue class {row['tissue_class']}")
-    fields = ["image", "mpp", "mpp_source", "nuclei", "tissue_class", *[f"p_{c}" for c in classes], "error"]
+    rows += slide_rows
+    failed += slide_failed
+    total = len(jobs) + len(slide_jobs)
+    fields = ["image", "mpp", "mpp_source", "nuclei", "tissue_class", *[f"p_{c}" for c in classes], "note", "error"]
     with open(out / "summary.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    log(f"{len(jobs) - failed} of {len(jobs)} images segmented, {failed} failed; summary: {out / 'summary.csv'}")
+    log(f"{total - failed} of {total} images segmented, {failed} failed; summary: {out / 'summary.csv'}")
     return out / "summary.csv", failed
 
 
@@ -195,6 +265,16 @@ def _device(text: str) -> str:
     return text
 
 
+def _roi(text: str) -> tuple[int, int, int, int]:
+    try:
+        x0, y0, x1, y1 = (int(float(v)) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the box as X0,Y0,X1,Y1 in level-0 pixels") from None
+    if x1 <= x0 or y1 <= y0 or min(x0, y0) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: X1 > X0 ≥ 0 and Y1 > Y0 ≥ 0 are needed")
+    return y0, x0, y1, x1
+
+
 def _out_folder(text: str) -> str:
     path = Path(text)
     if path.exists() and not path.is_dir():
@@ -225,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nms-iou", type=_iou, default=None,
                    help="overlap above which the weaker of two nuclei is dropped (default: the model's own)")
     s.add_argument("--device", type=_device, default="cpu", help="cpu, or cuda/mps where present (default: %(default)s)")
+    w = s.add_argument_group("whole slides (.svs, .ndpi, .scn, pyramidal or very large TIFF)")
+    w.add_argument("--roi", type=_roi, default=None, metavar="X0,Y0,X1,Y1",
+                   help="segment only this box of each slide (level-0 pixels; default: all tissue)")
+    w.add_argument("--block-size", type=int, default=4096,
+                   help="level-0 pixels per streamed block; memory grows with it, not with the slide "
+                        "(default: %(default)s)")
+    w.add_argument("--workers", type=int, default=0,
+                   help="segment slides on a dask LocalCluster of N worker processes (default: here)")
+    w.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
+                   help="submit one task per slide to this dask.distributed scheduler (e.g. tcp://host:8786)")
     return parser
 
 
@@ -240,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     try:
+        slides = SlideOptions(args.roi, args.block_size, args.workers, args.dask_scheduler)
         _, failed = segment_files(args.inputs, args.out, args.model, args.mpp,
                                   Thresholds(args.score_threshold, args.nms_iou), args.device,
-                                  log=lambda m: print(m, file=sys.stderr), progress=sys.stderr.isatty())
+                                  log=lambda m: print(m, file=sys.stderr), progress=sys.stderr.isatty(), slides=slides)
     except (CheckpointError, OutputClash) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

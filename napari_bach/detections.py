@@ -9,7 +9,7 @@ nuclei appear or disappear (their colours stay), and the user's edits, recorded 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np

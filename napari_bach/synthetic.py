@@ -56,3 +56,44 @@ def synthetic_he(shape: tuple[int, int] = (768, 1024), mpp: float = 0.42, seed: 
     hed = np.stack([hema * 0.1, eosin * 0.055, np.zeros(shape)], axis=-1)
     rgb = hed2rgb(hed) + rng.normal(0, 0.015, (*shape, 3))
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), labels
+
+
+def write_synthetic_slide(path, shape: tuple[int, int], mpp: float = 0.25, seed: int = 0, tile: int = 512,
+                          patch: int = 1024, tissue_fraction: float = 0.6) -> None:
+    """A pyramidal tiled TIFF (SubIFD levels, JPEG tiles, µm/px in the resolution tags)
+    that looks like a slide: H&E-like tissue in an ellipse, glass around it. Written tile
+    by tile from a few synthetic patches, so a 20000² slide needs no 20000² array."""
+    import tifffile
+
+    h, w = shape
+    patches = [synthetic_he((patch, patch), mpp=mpp, seed=seed + k)[0] for k in range(4)]
+    glass = np.full((tile, tile, 3), 242, np.uint8)
+    n_levels = max(1, int(np.floor(np.log2(max(h, w) / tile))) + 1)
+
+    def pixel(y0: int, x0: int, size: int, step: int) -> np.ndarray:
+        """level-0 pixels of a size×size block (at stride ``step``), tissue inside the ellipse."""
+        ys, xs = np.mgrid[y0 : y0 + size * step : step, x0 : x0 + size * step : step]
+        inside = ((ys - h / 2) / (h / 2)) ** 2 + ((xs - w / 2) / (w / 2)) ** 2 < tissue_fraction
+        which = ((ys // patch) * 7 + (xs // patch) * 3) % len(patches)
+        out = np.empty((size, size, 3), np.uint8)
+        out[:] = glass[0, 0]
+        for k, p in enumerate(patches):
+            sel = inside & (which == k)
+            out[sel] = p[ys[sel] % patch, xs[sel] % patch]
+        return out
+
+    def tiles(level: int):
+        step = 2**level
+        lh, lw = -(-h // step), -(-w // step)
+        for ty in range(0, lh, tile):
+            for tx in range(0, lw, tile):
+                yield pixel(ty * step, tx * step, tile, step)
+
+    opts = dict(tile=(tile, tile), photometric="rgb", compression="jpeg", compressionargs={"level": 90},
+                resolutionunit="CENTIMETER", dtype=np.uint8)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for level in range(n_levels):
+            step = 2**level
+            lshape = (-(-h // step), -(-w // step), 3)
+            extra = {"subifds": n_levels - 1} if level == 0 else {"subfiletype": 1}
+            tif.write(tiles(level), shape=lshape, resolution=(1e4 / (mpp * step),) * 2, **extra, **opts)

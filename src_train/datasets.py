@@ -6,7 +6,6 @@ never drift apart.
 """
 from __future__ import annotations
 
-import json
 import random
 import xml.etree.ElementTree as ET
 from collections import defaultdict
@@ -19,7 +18,7 @@ from skimage.measure import label as connected_components
 from skimage.transform import rescale
 
 from napari_bach.config import BACH_CLASSES
-from napari_bach.imageio import IMAGE_SUFFIXES, ImageReadError, bach_class_from_path, read_image
+from napari_bach.imageio import IMAGE_SUFFIXES, read_image
 
 MONUSEG_MPP = 0.2527
 

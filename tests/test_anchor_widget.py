@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from napari_bach._qt.anchor_widget import SHAPES, AnchorWidget, parse_ratios, parse_sizes
+from napari_bach._qt.anchor_widget import AnchorWidget, parse_ratios, parse_sizes
+from napari_bach._qt.common import SHAPES
 from napari_bach.synthetic import synthetic_he
 
 

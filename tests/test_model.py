@@ -1,7 +1,6 @@
 """Model build per backbone, checkpoint round trip and rejection, pretrained offline."""
 import urllib.error
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,54 +1,18 @@
 """Tiled prediction: stitching across tile borders, rescaling, progress, real model path."""
-from types import SimpleNamespace
 
 import numpy as np
-import torch
-from skimage.measure import label, regionprops
 
-from conftest import tiny_config
+from conftest import OracleModel, image_with_squares, tiny_config
 from napari_bach.checkpoint import load_checkpoint
 from napari_bach.predict import Progress, iter_predict, predict
 from napari_bach.synthetic import synthetic_he
-
-
-class OracleModel(torch.nn.Module):
-    """Stands in for the network: finds the bright squares in whatever tile it is given,
-    including the cut-off parts at tile edges, exactly like a detector would."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.transform = SimpleNamespace(channels_last=False)
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.calls = 0
-
-    def forward(self, images):
-        self.calls += 1
-        self.seen = images[0]
-        tile = images[0][0].numpy() < 0.5  # dark objects on white
-        boxes, masks = [], []
-        for r in regionprops(label(tile)):
-            y0, x0, y1, x1 = r.bbox
-            boxes.append([x0, y0, x1 - 1, y1 - 1])
-            masks.append(torch.ones(1, 28, 28))
-        n = len(boxes)
-        return [{"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4), "scores": torch.full((n,), 0.9),
-                 "masks": torch.stack(masks) if n else torch.zeros(0, 1, 28, 28),
-                 "tissue_logits": torch.tensor([0.0, 0.0, 3.0, 0.0])}]
-
-
-def _image_with_squares(shape, squares):
-    rgb = np.full((*shape, 3), 255, np.uint8)
-    for y, x, s in squares:
-        rgb[y:y + s, x:x + s] = 60
-    return rgb
 
 
 def test_object_across_tile_border_comes_out_once():
     cfg = tiny_config(tile_size=128, tile_overlap=40)
     # tiles start at 0, 88, 172; borders of the cores at 108 and 192
     squares = [(100, 100, 16), (20, 180, 14), (180, 20, 12), (60, 60, 10), (190, 190, 15)]
-    rgb = _image_with_squares((300, 300), squares)
+    rgb = image_with_squares((300, 300), squares)
     model = OracleModel(cfg)
     det = predict(rgb, model, pixel_size=cfg.mpp)
     seg = det.refilter(0.5, 0.5)
@@ -62,7 +26,7 @@ def test_object_across_tile_border_comes_out_once():
 
 def test_rescaling_to_model_resolution_and_back():
     cfg = tiny_config(mpp=0.4)
-    rgb = _image_with_squares((200, 160), [(50, 40, 20), (120, 100, 30)])
+    rgb = image_with_squares((200, 160), [(50, 40, 20), (120, 100, 30)])
     det = predict(rgb, OracleModel(cfg), pixel_size=0.2)  # image at twice the model's resolution
     seg = det.refilter(0.5, 0.5)
     assert seg.labels.shape == (200, 160) and len(seg.ids) == 2
@@ -71,7 +35,7 @@ def test_rescaling_to_model_resolution_and_back():
 
 def test_progress_per_tile_and_glass_tiles_are_skipped():
     cfg = tiny_config(tile_size=128, tile_overlap=32)
-    rgb = _image_with_squares((128, 400), [(30, 30, 10)])  # mostly blank glass
+    rgb = image_with_squares((128, 400), [(30, 30, 10)])  # mostly blank glass
     model = OracleModel(cfg)
     gen = iter_predict(rgb, model, cfg.mpp)
     steps = []
@@ -87,7 +51,7 @@ def test_progress_per_tile_and_glass_tiles_are_skipped():
 
 def test_image_smaller_than_a_tile_is_padded_with_glass_not_zeros():
     cfg = tiny_config(tile_size=128, tile_overlap=32)
-    rgb = _image_with_squares((100, 70), [(10, 10, 12), (80, 50, 15)])  # the second touches the corner
+    rgb = image_with_squares((100, 70), [(10, 10, 12), (80, 50, 15)])  # the second touches the corner
     model = OracleModel(cfg)
     seg = predict(rgb, model, cfg.mpp).refilter(0.5, 0.5)
     assert tuple(model.seen.shape[-2:]) == (128, 128)
@@ -105,3 +69,23 @@ def test_real_model_on_synthetic_he(tiny_checkpoint):
     seg = det.refilter(0.05, 0.5)
     assert seg.labels.shape == (200, 260) and seg.labels.dtype == np.int32
     assert len(seg.ids) == len(np.unique(seg.labels)) - 1 and (np.diff(seg.scores) <= 0).all()
+
+
+def test_several_tiles_per_forward_pass_give_the_same_result():
+    """GPU speed: batches of tiles; the result must not depend on the batch size."""
+    cfg = tiny_config(tile_size=128, tile_overlap=32)
+    rgb = image_with_squares((300, 300), [(100, 100, 16), (20, 180, 14), (180, 20, 12), (250, 250, 20)])
+    one, four = OracleModel(cfg), OracleModel(cfg)
+    a = predict(rgb, one, cfg.mpp, batch_size=1).refilter(0.5, 0.5)
+    b = predict(rgb, four, cfg.mpp, batch_size=4).refilter(0.5, 0.5)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert set(one.batches) == {1} and max(four.batches) == 4 and sum(four.batches) == sum(one.batches)
+
+
+def test_real_model_batched_equals_one_by_one(tiny_checkpoint):
+    model, _ = load_checkpoint(tiny_checkpoint)
+    rgb, _ = synthetic_he((300, 300), mpp=0.42, seed=2)
+    a = predict(rgb, model, 0.42, batch_size=1)
+    b = predict(rgb, model, 0.42, batch_size=3)
+    assert len(a) == len(b)
+    np.testing.assert_allclose(np.sort(a.scores), np.sort(b.scores), atol=1e-4)

@@ -9,19 +9,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, Select,
-                              SpinBox, create_widget)
+from magicgui.widgets import Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, Select, SpinBox, create_widget
 
 from ..anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, iter_anchors_in_region, iter_proposals, make_generator
 from ..checkpoint import cached_model
 from ..edit import segmentation_from_labels
-from .common import EXPECTED_ERRORS, BackgroundTask, ModelPicker, layer_pixel_size, layer_rgb, row, wrap
+from .common import EXPECTED_ERRORS, BackgroundTask, ModelPicker, RegionPicker, layer_pixel_size, layer_rgb, row, wrap
 from .layers import box_corners
 
 if TYPE_CHECKING:
     import napari
 
-VIEW, SHAPES = "Current view", "Boxes in a Shapes layer"
 LABEL_COLOURS = {POSITIVE: "lime", NEGATIVE: "red", IGNORED: "gray"}
 LEVEL_COLOURS = ("cyan", "magenta", "yellow", "orange", "white")
 
@@ -44,16 +42,6 @@ def parse_ratios(text: str) -> tuple[float, ...] | None:
     return _numbers(text.replace(" ", ","), "aspect ratios") if text else None
 
 
-def visible_region(viewer, layer) -> tuple[float, float, float, float]:
-    """x0 y0 x1 y1 in the layer's pixels of what the canvas shows, clipped to the image."""
-    h, w = np.asarray(viewer.canvas.size, float) / viewer.camera.zoom
-    cy, cx = viewer.camera.center[-2:]
-    (y0, x0), (y1, x1) = (layer.world_to_data((cy - h / 2, cx - w / 2))[-2:],
-                          layer.world_to_data((cy + h / 2, cx + w / 2))[-2:])
-    ih, iw = layer.data.shape[:2]
-    return max(0.0, x0), max(0.0, y0), min(float(iw), x1), min(float(ih), y1)
-
-
 class AnchorWidget(Container):
     """Anchors per FPN level, their training labels, and RPN proposals before/after NMS."""
 
@@ -67,8 +55,8 @@ class AnchorWidget(Container):
         self._sizes.native.setPlaceholderText("model's own, e.g. 8,11 16,23 32,45 64,91 128,181")
         self._ratios = LineEdit(label="Aspect ratios", value="")
         self._ratios.native.setPlaceholderText("model's own, e.g. 0.5 1 2")
-        self._region = ComboBox(label="Region", choices=[VIEW, SHAPES], value=VIEW)
-        self._region_layer = create_widget(label="Region boxes", annotation="napari.layers.Shapes", options={"nullable": True})
+        self.region = RegionPicker()
+        self._region, self._region_layer = self.region.widgets
         self._nuclei = create_widget(label="Nuclei", annotation="napari.layers.Labels", options={"nullable": True})
         self._fg = FloatSpinBox(label="Positive IoU >", min=0.0, max=1.0, step=0.05, value=0.7)
         self._bg = FloatSpinBox(label="Negative IoU <", min=0.0, max=1.0, step=0.05, value=0.3)
@@ -96,17 +84,7 @@ class AnchorWidget(Container):
         return self.task.worker
 
     def _regions(self, layer) -> list[tuple[float, float, float, float]]:
-        if self._region.value == VIEW:
-            return [visible_region(self._viewer, layer)]
-        shapes = self._region_layer.value
-        if shapes is None or len(shapes.data) == 0:
-            raise ValueError("draw a box in a Shapes layer and choose it as 'Region boxes'")
-        out = []
-        for s in shapes.data:
-            pts = np.array([layer.world_to_data(shapes.data_to_world(p))[-2:] for p in s])
-            (y0, x0), (y1, x1) = pts.min(0), pts.max(0)
-            out.append((x0, y0, x1, y1))
-        return out
+        return self.region.boxes(self._viewer, layer)
 
     def _put(self, name: str, data, **kwargs) -> None:
         if name in self._viewer.layers:

@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    ProgressBar,
+    PushButton,
+    create_widget,
+)
 
 from ..checkpoint import DEFAULT_MODEL, CheckpointError
 from ..imageio import ImageReadError, bach_class_from_path, to_rgb_uint8
@@ -161,9 +169,60 @@ def wrap(label: Label) -> None:
     label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
 
 
+MAX_IN_MEMORY_PIXELS = 60_000_000  # beyond this, a layer is segmented as a slide (streamed)
+
+
 def layer_rgb(layer) -> np.ndarray:
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    if np.prod(data.shape[:2]) > MAX_IN_MEMORY_PIXELS:
+        h, w = data.shape[:2]
+        raise ValueError(f"{layer.name} is a whole slide ({w}×{h} px): use Plugins › Segment slide, which "
+                         "streams it to disk, or segment a region there")
     return to_rgb_uint8(np.asarray(data))
+
+
+def visible_region(viewer, layer) -> tuple[float, float, float, float]:
+    """x0 y0 x1 y1 in the layer's pixels of what the canvas shows, clipped to the image."""
+    h, w = np.asarray(viewer.canvas.size, float) / viewer.camera.zoom
+    cy, cx = viewer.camera.center[-2:]
+    (y0, x0), (y1, x1) = (layer.world_to_data((cy - h / 2, cx - w / 2))[-2:],
+                          layer.world_to_data((cy + h / 2, cx + w / 2))[-2:])
+    ih, iw = layer.data.shape[:2]
+    return max(0.0, x0), max(0.0, y0), min(float(iw), x1), min(float(ih), y1)
+
+
+WHOLE, VIEW, SHAPES = "Whole image (tissue only)", "Current view", "Boxes in a Shapes layer"
+
+
+class RegionPicker:
+    """Where to work: the current view, the boxes of a Shapes layer, or (optionally) the
+    whole image. Its two rows go into the widget's own form, like :class:`ModelPicker`."""
+
+    def __init__(self, whole: bool = False) -> None:
+        choices = [WHOLE, VIEW, SHAPES] if whole else [VIEW, SHAPES]
+        self.choice = ComboBox(label="Region", choices=choices, value=choices[0])
+        self.shapes = create_widget(label="Region boxes", annotation="napari.layers.Shapes", options={"nullable": True})
+        self.widgets = [self.choice, self.shapes]
+
+    def boxes(self, viewer, layer) -> list[tuple[float, float, float, float]] | None:
+        """x0 y0 x1 y1 per box in the layer's pixels; None for the whole image."""
+        if self.choice.value == WHOLE:
+            return None
+        if self.choice.value == VIEW:
+            return [visible_region(viewer, layer)]
+        return shapes_regions(self.shapes.value, layer)
+
+
+def shapes_regions(shapes, layer) -> list[tuple[float, float, float, float]]:
+    """x0 y0 x1 y1 (the layer's pixels) of each shape's bounding box."""
+    if shapes is None or len(shapes.data) == 0:
+        raise ValueError("draw a box in a Shapes layer and choose it as 'Region boxes'")
+    out = []
+    for s in shapes.data:
+        pts = np.array([layer.world_to_data(shapes.data_to_world(p))[-2:] for p in s])
+        (y0, x0), (y1, x1) = pts.min(0), pts.max(0)
+        out.append((x0, y0, x1, y1))
+    return out
 
 
 def _source_path(layer) -> Path | None:

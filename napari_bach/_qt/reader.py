@@ -15,13 +15,39 @@ def image_layer_kwargs(name: str, mpp: float | None, metadata: dict) -> dict:
 
 
 def napari_get_reader(path):
+    from ..slide import SLIDE_SUFFIXES, is_slide
+
     if isinstance(path, list):
         if len(path) != 1:
             return None
         path = path[0]
-    if not str(path).lower().endswith(IMAGE_SUFFIXES):
+    if is_slide(path):
+        return read_slide
+    if not str(path).lower().endswith(IMAGE_SUFFIXES + SLIDE_SUFFIXES):
         return None
     return read_he_image
+
+
+def read_slide(path) -> list[tuple]:
+    """A whole slide as a lazy multiscale layer (dask arrays over tiffslide's zarr store),
+    scaled in µm; nothing is read until napari shows it."""
+    from napari.utils.notifications import show_error, show_info
+
+    from ..slide import SlideReadError, open_slide
+
+    path = path[0] if isinstance(path, list) else path
+    try:
+        slide = open_slide(path)
+    except SlideReadError as exc:
+        show_error(f"napari-bach: {exc}")
+        return [(None,)]
+    h, w = slide.shape
+    if not slide.pixel_size.known:
+        show_info(f"{Path(path).name}: µm/px unknown (no MPP or resolution tags): set it in Segment slide")
+    meta = {**slide.pixel_size.metadata(), "tissue_class": None, "path": str(path), "slide": True,
+            "notices": [f"whole slide {w}×{h} px, {len(slide.levels)} levels"]}
+    return [(slide.dask_levels(), {**image_layer_kwargs(Path(path).name.split(".")[0], slide.pixel_size.mpp, meta),
+                                   "multiscale": True}, "image")]
 
 
 def read_he_image(path) -> list[tuple]:

@@ -20,7 +20,7 @@ from ..pixelsize import EXPLICIT, PixelSize
 from ..predict import available_devices, iter_predict
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, layer_pixel_size, layer_rgb, layer_tissue_class,
                      put_result_layer, row, tissue_text, wrap)
-from .layers import ROLE_KEY, result_layers
+from .layers import result_layers
 
 if TYPE_CHECKING:
     import napari

@@ -1,0 +1,411 @@
+"""Whole slides: lazy reading (tiffslide) and streamed segmentation with flat memory.
+
+A slide is never read whole. :func:`iter_segment_slide` walks a grid of overlapping
+blocks (``tiling.tile_grid``: cores partition the region, so a nucleus on a block border
+is kept once, by the block whose core holds its box centre), segments each block with
+the same :func:`~napari_bach.predict.iter_predict` as a plain image, and streams the
+result to disk: labels into a chunked zarr array, one CSV row and one QuPath GeoJSON
+detection per nucleus. Ids are unique across the slide. ``progress.json`` records the
+finished blocks, so an interrupted slide resumes where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generator
+
+import numpy as np
+
+from .config import Thresholds
+from .detections import Segmentation
+from .measure import COLUMNS, hematoxylin, measure_nuclei
+from .pixelsize import PixelSize, resolve_mpp
+from .predict import BACKGROUND_LEVEL, Progress, iter_predict
+from .tiling import Tile, tile_grid
+
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
+TIFF_SUFFIXES = (".tif", ".tiff")
+PLAIN_TIFF_MAX_PIXELS = 10_000 * 10_000  # a flat TIFF larger than this is opened as a slide
+HALO_UM = 40.0  # context around each block: a nucleus (≤ 30 µm) on the border is seen whole
+CHUNK = 1024  # labels zarr chunk side
+FORMAT = "napari-bach-slide"
+VERSION = 1
+
+
+class SlideReadError(ValueError):
+    """A slide that cannot be opened; the message names the file and the reason."""
+
+
+def is_slide(path: str | Path) -> bool:
+    """Whole-slide formats, and TIFFs that are pyramids or too large to read whole."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in SLIDE_SUFFIXES:
+        return True
+    if suffix not in TIFF_SUFFIXES or not path.is_file():
+        return False
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            pixels = int(np.prod(series.shape[:2])) if len(series.shape) >= 2 else 0
+            return len(series.levels) > 1 or pixels > PLAIN_TIFF_MAX_PIXELS
+    except Exception:  # unreadable: the plain reader reports why
+        return False
+
+
+@dataclass
+class Slide:
+    """An open slide: level geometry and µm/px, pixels read on demand."""
+
+    path: Path
+    handle: object  # tiffslide.TiffSlide
+    pixel_size: PixelSize
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        w, h = self.handle.dimensions
+        return h, w
+
+    @property
+    def levels(self) -> list[tuple[int, int]]:
+        return [(h, w) for w, h in self.handle.level_dimensions]
+
+    @property
+    def downsamples(self) -> list[float]:
+        return list(self.handle.level_downsamples)
+
+    def read(self, y0: int, x0: int, y1: int, x1: int, level: int = 0) -> np.ndarray:
+        """RGB uint8 pixels of level ``level`` (coordinates in that level's pixels)."""
+        factor = self.downsamples[level]
+        loc = (int(round(x0 * factor)), int(round(y0 * factor)))  # tiffslide wants level-0 location
+        rgb = self.handle.read_region(loc, level, (x1 - x0, y1 - y0), as_array=True)
+        return np.ascontiguousarray(rgb[..., :3])
+
+    def dask_levels(self) -> list:
+        """Every level as a lazy dask array (napari's multiscale image)."""
+        import dask.array as da
+
+        group = self.handle.zarr_group
+        return [da.from_zarr(group[str(i)])[..., :3] for i in range(len(self.levels))]
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
+    """Open with tiffslide (pure Python on tifffile: no system library to install)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlideReadError(f"{path}: no such file")
+    try:
+        import tiffslide
+
+        handle = tiffslide.TiffSlide(path)
+    except Exception as exc:
+        raise SlideReadError(f"{path.name}: cannot be opened as a slide ({exc.__class__.__name__}: {exc})") from exc
+    tags = handle.properties.get("tiffslide.mpp-x")
+    pixel_size = resolve_mpp(explicit=mpp, tags=float(tags) if tags else None, path=path)
+    return Slide(path, handle, pixel_size)
+
+
+def tissue_mask(slide: Slide, max_pixels: int = 4_000_000) -> tuple[np.ndarray, float]:
+    """Non-glass pixels at the coarsest level with at least ``max_pixels`` / 16 pixels
+    (a few MB whatever the slide); returns the mask and its downsample from level 0."""
+    from scipy import ndimage
+
+    level = len(slide.levels) - 1
+    for k, (h, w) in enumerate(slide.levels):
+        if h * w <= max_pixels:
+            level = k
+            break
+    h, w = slide.levels[level]
+    if h * w > max_pixels:  # no small level: read level 0 in strides
+        step = int(np.ceil(np.sqrt(h * w / max_pixels)))
+        rows = [slide.read(y, 0, min(y + 1, h), w)[:, ::step] for y in range(0, h, step)]
+        rgb, factor = np.concatenate(rows), float(step)
+    else:
+        rgb, factor = slide.read(0, 0, h, w, level), slide.downsamples[level]
+    mask = rgb.min(axis=-1) < BACKGROUND_LEVEL
+    return ndimage.binary_dilation(ndimage.binary_opening(mask, iterations=1), iterations=2), factor
+
+
+@dataclass
+class SlideResult:
+    labels: Path
+    csv: Path
+    geojson: Path
+    nuclei: int
+    blocks: int
+    skipped: int  # blocks without tissue
+    pixel_size: PixelSize
+    region: tuple[int, int, int, int]  # y0 x0 y1 x1 in level-0 pixels
+    resumed: int = 0  # blocks found finished from an earlier run
+    files: dict = field(default_factory=dict)
+
+
+def outputs(out_dir: str | Path, stem: str) -> dict[str, Path]:
+    out = Path(out_dir)
+    return {"labels": out / f"{stem}_labels.zarr", "csv": out / f"{stem}_nuclei.csv",
+            "geojson": out / f"{stem}_nuclei.geojson", "progress": out / f"{stem}_progress.json",
+            "parts": out / f".{stem}_parts"}
+
+
+def is_finished(out_dir: str | Path, stem: str) -> bool:
+    """A slide whose outputs are complete (a rerun skips it)."""
+    files = outputs(out_dir, stem)
+    if not files["progress"].is_file():
+        return False
+    return json.loads(files["progress"].read_text()).get("finished", False)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
+
+
+def polygons(labels: np.ndarray, ids: np.ndarray, offset: tuple[int, int]) -> list[list[list[float]]]:
+    """One closed outer ring per nucleus (x, y in level-0 pixels), from its mask's contour."""
+    from scipy import ndimage
+    from skimage.measure import approximate_polygon, find_contours
+
+    rings = []
+    slices = ndimage.find_objects(labels)
+    for i in ids:
+        sl = slices[i - 1]
+        mask = np.pad(labels[sl] == i, 1)
+        contour = max(find_contours(mask.astype(np.uint8), 0.5), key=len)
+        contour = approximate_polygon(contour, 0.5)
+        ys = contour[:, 0] - 1 + sl[0].start + offset[0]
+        xs = contour[:, 1] - 1 + sl[1].start + offset[1]
+        ring = np.stack([xs, ys], axis=1).round(2).tolist()
+        if ring[0] != ring[-1]:
+            ring.append(ring[0])
+        rings.append(ring)
+    return rings
+
+
+def geojson_features(rings: list, table: dict, start: int, model_name: str) -> list[dict]:
+    """QuPath detections: a polygon, ``objectType: detection``, measurements and score."""
+    features = []
+    keys = [c for c in COLUMNS if c not in ("index", "box_x0", "box_y0", "box_x1", "box_y1")]
+    for k, ring in enumerate(rings):
+        measurements = {c: float(table[c][k]) for c in keys if np.isfinite(table[c][k])}
+        features.append({"type": "Feature", "id": f"nucleus-{start + k}",
+                         "geometry": {"type": "Polygon", "coordinates": [ring]},
+                         "properties": {"objectType": "detection", "name": f"nucleus {start + k}",
+                                        "classification": {"name": "Nucleus", "color": [0, 200, 0]},
+                                        "measurements": measurements, "label": start + k,
+                                        "model": model_name}})
+    return features
+
+
+def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[int, int, int, int] | None = None,
+                       thresholds: Thresholds = Thresholds(), tissue_only: bool = True, block_size: int = 4096,
+                       model_name: str = "", tissue_trained: bool = False
+                       ) -> Generator[Progress, None, SlideResult]:
+    """Segment ``region`` (y0 x0 y1 x1 level-0 px; default the whole slide) block by block,
+    streaming labels, CSV and GeoJSON to ``out_dir``; yields progress per block.
+
+    Memory holds one block (and the next, read ahead), never the slide. Rerunning with
+    the same settings resumes after the last finished block."""
+    import zarr
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = slide.path.name.split(".")[0]
+    files = outputs(out_dir, stem)
+    h, w = slide.shape
+    y0, x0, y1, x1 = region or (0, 0, h, w)
+    y0, x0, y1, x1 = max(0, int(y0)), max(0, int(x0)), min(h, int(y1)), min(w, int(x1))
+    if y1 <= y0 or x1 <= x0:
+        raise ValueError(f"the region {region} holds no pixels of this {w}×{h} slide")
+    limits = thresholds.resolve(model.config)
+    mpp = slide.pixel_size.mpp or model.config.mpp
+    halo = int(np.ceil(HALO_UM / mpp))
+    if block_size <= 4 * halo:
+        raise ValueError(f"block size {block_size} must exceed 4× the {halo} px halo")
+    blocks = tile_grid(y1 - y0, x1 - x0, block_size, 2 * halo)
+    settings = {"format": FORMAT, "version": VERSION, "region": [y0, x0, y1, x1], "block_size": block_size,
+                "halo": halo, "score": limits.score, "nms_iou": limits.nms_iou, "model": model_name,
+                "mpp": slide.pixel_size.mpp}
+    state = {"settings": settings, "done": [], "next_id": 1, "nuclei": 0, "finished": False}
+    if files["progress"].is_file():
+        old = json.loads(files["progress"].read_text())
+        if old.get("settings") != settings:
+            raise FileExistsError(f"{files['progress']} belongs to a run with other settings; choose another "
+                                  "output folder or delete that slide's outputs")
+        state = old
+    elif any(files[k].exists() for k in ("labels", "csv", "geojson")):
+        raise FileExistsError(f"{out_dir} already holds outputs for {stem}; choose another folder or delete them")
+    files["parts"].mkdir(exist_ok=True)
+    labels = zarr.open_array(str(files["labels"]), mode="a", shape=(y1 - y0, x1 - x0), dtype="int32",
+                             chunks=(CHUNK, CHUNK), fill_value=0)
+    labels.attrs.update({"napari_bach": {**settings, "offset_yx": [y0, x0]}})
+    _write_json(files["progress"], state)
+    mask, mask_factor = tissue_mask(slide) if tissue_only else (None, 1.0)
+
+    def has_tissue(b: Tile) -> bool:
+        if mask is None:
+            return True
+        cy0, cx0, cy1, cx1 = b.core
+        sl = mask[int((y0 + cy0) / mask_factor):int(np.ceil((y0 + cy1) / mask_factor)),
+                  int((x0 + cx0) / mask_factor):int(np.ceil((x0 + cx1) / mask_factor))]
+        return bool(sl.any())
+
+    done = set(state["done"])
+    todo = [k for k, b in enumerate(blocks) if k not in done]
+    work = [k for k in todo if has_tissue(blocks[k])]
+    skipped = len(todo) - len(work)
+    resumed = len(done)
+    yield Progress(len(blocks) - len(work), len(blocks),
+                   f"{len(blocks)} blocks, {len(work)} with tissue to do" + (f", {resumed} done before" if resumed else ""))
+
+    def read(k: int) -> np.ndarray:
+        b = blocks[k]
+        return slide.read(y0 + b.y0, x0 + b.x0, y0 + b.y1, x0 + b.x1)
+
+    with ThreadPoolExecutor(max_workers=1) as reader:  # the next block is read while this one runs
+        ahead = reader.submit(read, work[0]) if work else None
+        for n, k in enumerate(work):
+            rgb = ahead.result()
+            ahead = reader.submit(read, work[n + 1]) if n + 1 < len(work) else None
+            b = blocks[k]
+            done_before = len(blocks) - len(work) + n
+            det = yield from _within_block(iter_predict(rgb, model, slide.pixel_size, tissue_trained), done_before,
+                                           len(blocks), f"block {n + 1}/{len(work)}")
+            seg = det.refilter(limits.score, limits.nms_iou)
+            kept = _owned(seg, b)
+            first = state["next_id"]
+            new_ids = np.arange(first, first + len(kept), dtype=np.int64)
+            lut = np.zeros(int(seg.labels.max(initial=0)) + 1, np.int32)
+            lut[kept] = new_ids
+            block_labels = lut[seg.labels]
+            _paste_into(labels, block_labels, b)
+            owned = Segmentation(block_labels, new_ids, seg.boxes[np.isin(seg.ids, kept)],
+                                 seg.scores[np.isin(seg.ids, kept)], slide.pixel_size)
+            _write_part(files["parts"], k, owned, rgb, (y0 + b.y0, x0 + b.x0), model_name)
+            state["next_id"] = first + len(kept)
+            state["nuclei"] += len(kept)
+            state["done"].append(k)
+            _write_json(files["progress"], state)
+            yield Progress(len(blocks) - len(work) + n + 1, len(blocks),
+                           f"block {n + 1}/{len(work)}: {state['nuclei']} nuclei so far")
+    _assemble(files, len(blocks))
+    state["finished"] = True
+    _write_json(files["progress"], state)
+    return SlideResult(files["labels"], files["csv"], files["geojson"], state["nuclei"], len(blocks), skipped,
+                       slide.pixel_size, (y0, x0, y1, x1), resumed)
+
+
+def _within_block(gen, done: int, total: int, name: str):
+    """A block's tile loop, reported as progress through the slide (Cancel works between tiles)."""
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield Progress(done, total, f"{name}: tile {step.done}/{step.total}")
+
+
+def _owned(seg: Segmentation, block: Tile) -> np.ndarray:
+    """Ids of nuclei whose box centre lies in the block's core (block-local coordinates)."""
+    cy0, cx0, cy1, cx1 = block.core
+    cy = (seg.boxes[:, 1] + seg.boxes[:, 3]) / 2 + block.y0
+    cx = (seg.boxes[:, 0] + seg.boxes[:, 2]) / 2 + block.x0
+    return seg.ids[(cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)]
+
+
+def _paste_into(labels, block_labels: np.ndarray, b: Tile) -> None:
+    """Write a block's owned nuclei where the slide's labels are still empty (earlier
+    blocks keep contested pixels, as earlier nuclei do within an image)."""
+    region = labels[b.y0:b.y1, b.x0:b.x1]
+    free = (region == 0) & (block_labels > 0)
+    if free.any():
+        region[free] = block_labels[free]
+        labels[b.y0:b.y1, b.x0:b.x1] = region
+
+
+def _write_part(parts: Path, k: int, seg: Segmentation, rgb: np.ndarray, offset: tuple[int, int],
+                model_name: str) -> None:
+    """One block's CSV rows and GeoJSON features, in level-0 coordinates."""
+    table = measure_nuclei(seg, hematoxylin(rgb)) if len(seg.ids) else {c: np.zeros(0) for c in COLUMNS}
+    table["centroid_y"] = table["centroid_y"] + offset[0]
+    table["centroid_x"] = table["centroid_x"] + offset[1]
+    for c, o in (("box_x0", 1), ("box_x1", 1), ("box_y0", 0), ("box_y1", 0)):
+        table[c] = np.asarray(table[c]) + offset[o]
+    from .report import write_nuclei_csv
+
+    write_nuclei_csv(parts / f"{k}.csv", table)
+    rings = polygons(seg.labels, seg.ids, offset) if len(seg.ids) else []
+    start = int(seg.ids[0]) if len(seg.ids) else 0
+    with open(parts / f"{k}.geojsonl", "w") as fh:
+        for feature in geojson_features(rings, table, start, model_name):
+            fh.write(json.dumps(feature) + "\n")
+
+
+def _assemble(files: dict, n_blocks: int) -> None:
+    """Concatenate the blocks' parts, in block order, into the final CSV and GeoJSON."""
+    parts = files["parts"]
+    with open(files["csv"], "w", newline="") as out_csv:
+        header_written = False
+        for k in range(n_blocks):
+            path = parts / f"{k}.csv"
+            if not path.is_file():
+                continue
+            with open(path, newline="") as fh:
+                rows = list(csv.reader(fh))
+            if rows and not header_written:
+                out_csv.write(",".join(rows[0]) + "\n")
+                header_written = True
+            csv.writer(out_csv).writerows(rows[1:])
+    with open(files["geojson"], "w") as out:
+        out.write('{"type": "FeatureCollection", "features": [\n')
+        first = True
+        for k in range(n_blocks):
+            path = parts / f"{k}.geojsonl"
+            if not path.is_file():
+                continue
+            with open(path) as fh:
+                for line in fh:
+                    out.write(("" if first else ",\n") + line.rstrip("\n"))
+                    first = False
+        out.write("\n]}\n")
+    shutil.rmtree(parts, ignore_errors=True)
+
+
+def segment_slide_file(path: str | Path, out_dir: str | Path, model_path: str | Path, mpp: float | None = None,
+                       thresholds: Thresholds = Thresholds(), device: str = "cpu",
+                       region: tuple[int, int, int, int] | None = None, tissue_only: bool = True,
+                       block_size: int = 4096, progress=None) -> dict:
+    """One slide, start to finish (or resumed), as a ``summary.csv`` row; the unit of work
+    a dask worker runs. The model is loaded once per process (``cached_model``)."""
+    from .checkpoint import cached_model
+    from .predict import drain
+
+    path = Path(path)
+    stem = path.name.split(".")[0]
+    if is_finished(out_dir, stem):
+        state = json.loads(outputs(out_dir, stem)["progress"].read_text())
+        return {"image": str(path), "nuclei": state["nuclei"], "mpp": state["settings"]["mpp"] or "",
+                "note": "already finished: skipped"}
+    model, info = cached_model(model_path, device)
+    slide = open_slide(path, mpp)
+    try:
+        result = drain(iter_segment_slide(slide, model, out_dir, region, thresholds, tissue_only, block_size,
+                                          info.name, info.tissue_trained), progress)
+    finally:
+        slide.close()
+    return {"image": str(path), "nuclei": result.nuclei, "mpp": result.pixel_size.mpp or "",
+            "mpp_source": result.pixel_size.source, "tissue_class": "not computed for slides",
+            "note": f"{result.blocks} blocks, {result.skipped} without tissue"
+                    + (f", {result.resumed} resumed" if result.resumed else "")}

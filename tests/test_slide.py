@@ -1,0 +1,199 @@
+"""Whole slides: lazy reader, streamed segmentation (region and whole slide), QuPath
+GeoJSON, cancel and resume, the CLI and a dask LocalCluster. Slides are made here with
+tifffile; ../shared is never needed."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from conftest import OracleModel, image_with_squares, tiny_config
+from napari_bach.config import Thresholds
+from napari_bach.predict import drain, predict
+from napari_bach.slide import is_finished, is_slide, iter_segment_slide, open_slide
+
+MPP = 0.4
+
+
+def write_pyramid(path, rgb, mpp=MPP, tile=128):
+    """A tiled pyramidal TIFF (SubIFD levels) with µm/px in its resolution tags."""
+    levels = [rgb, rgb[::2, ::2], rgb[::4, ::4]]
+    opts = dict(tile=(tile, tile), photometric="rgb", compression="zlib", resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(levels[0], subifds=len(levels) - 1, resolution=(1e4 / mpp, 1e4 / mpp), **opts)
+        for k, level in enumerate(levels[1:], start=1):
+            tif.write(level, subfiletype=1, resolution=(1e4 / mpp / 2**k,) * 2, **opts)
+    return path
+
+
+SQUARES = [(y, x, s) for y in range(20, 560, 70) for x in range(30, 520, 90) for s in [12 + (x + y) % 9]]
+
+
+@pytest.fixture(autouse=True)
+def small_halo(monkeypatch):
+    """16 µm of context (40 px) is plenty for these ≤ 20 px squares and allows small blocks."""
+    monkeypatch.setattr("napari_bach.slide.HALO_UM", 16.0)
+
+
+@pytest.fixture
+def squares_slide(tmp_path):
+    rgb = image_with_squares((600, 800), SQUARES)
+    rgb[:, 560:] = 245  # glass on the right: blocks there are skipped
+    return write_pyramid(tmp_path / "squares.tif", rgb), rgb
+
+
+def _oracle():
+    return OracleModel(tiny_config(tile_size=128, tile_overlap=32, mpp=MPP))
+
+
+def test_pyramids_and_slide_formats_are_slides_plain_images_are_not(tmp_path, squares_slide):
+    path, rgb = squares_slide
+    tifffile.imwrite(tmp_path / "flat.tif", rgb)
+    assert is_slide(path) and is_slide(tmp_path / "x.svs") and not is_slide(tmp_path / "flat.tif")
+    slide = open_slide(path)
+    assert slide.shape == (600, 800) and slide.levels[1] == (300, 400) and slide.pixel_size.mpp == pytest.approx(MPP)
+    np.testing.assert_array_equal(slide.read(100, 200, 150, 260), rgb[100:150, 200:260])
+
+
+def test_reader_gives_a_lazy_multiscale_layer_in_microns(squares_slide):
+    import dask.array as da
+
+    from napari_bach._qt.reader import napari_get_reader
+
+    path, rgb = squares_slide
+    reader = napari_get_reader(str(path))
+    ((levels, kwargs, kind),) = reader(str(path))
+    assert kind == "image" and kwargs["multiscale"] and kwargs["rgb"]
+    assert all(isinstance(a, da.Array) for a in levels) and [a.shape[:2] for a in levels] == [(600, 800), (300, 400), (150, 200)]
+    assert kwargs["scale"] == pytest.approx((MPP, MPP)) and kwargs["metadata"]["slide"]
+    np.testing.assert_array_equal(np.asarray(levels[0][10:20, 30:40]), rgb[10:20, 30:40])
+
+
+def test_streamed_region_equals_the_plain_image_path(tmp_path, squares_slide):
+    path, rgb = squares_slide
+    model = _oracle()
+    region = (50, 100, 450, 620)  # y0 x0 y1 x1
+    result = drain(iter_segment_slide(open_slide(path), model, tmp_path / "out", region, Thresholds(0.5, 0.5)))
+    labels = zarr.open_array(str(result.labels), mode="r")[:]
+    y0, x0, y1, x1 = region
+    plain = predict(rgb[y0:y1, x0:x1], model, MPP).refilter(0.5, 0.5).consecutive()
+    np.testing.assert_array_equal(labels, plain.labels)
+    assert result.nuclei == len(plain.ids) > 10 and result.blocks == 1
+
+
+def test_whole_slide_in_blocks_keeps_each_nucleus_once_and_writes_qupath_geojson(tmp_path, squares_slide):
+    path, rgb = squares_slide
+    one = drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "one", block_size=4096))
+    many = drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "many", block_size=260))
+    assert many.blocks >= 9 and many.skipped >= 3  # the glass column has no tissue
+    a = zarr.open_array(str(one.labels), mode="r")[:]
+    b = zarr.open_array(str(many.labels), mode="r")[:]
+    assert many.nuclei == one.nuclei == len(SQUARES)
+    for y, x, s in SQUARES:  # every square is one nucleus, never split or doubled at block borders
+        inside = b[y:y + s, x:x + s]
+        ids = np.unique(inside[inside > 0])
+        assert len(ids) == 1 and (inside == ids[0]).mean() > 0.7, (y, x, ids)
+    np.testing.assert_array_equal(a > 0, b > 0)
+    assert len(np.unique(b)) - 1 == many.nuclei  # ids unique across the slide
+
+    collection = json.loads(many.geojson.read_text())
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == many.nuclei
+    for feature in collection["features"]:
+        ring = np.array(feature["geometry"]["coordinates"][0])
+        assert feature["geometry"]["type"] == "Polygon" and feature["properties"]["objectType"] == "detection"
+        assert len(ring) >= 4 and (ring[0] == ring[-1]).all()  # closed
+        x, y = ring[:, 0], ring[:, 1]
+        area = 0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+        m = feature["properties"]["measurements"]
+        assert area > 0 and abs(area - m["area_px"]) < 0.35 * m["area_px"] + 8  # the polygon is the mask
+        assert {"score", "area_um2", "perimeter_um", "mean_hematoxylin"} <= set(m)
+        cy, cx = m["centroid_y"], m["centroid_x"]
+        assert x.min() <= cx <= x.max() and y.min() <= cy <= y.max()  # level-0 coordinates
+    with open(many.csv) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == many.nuclei and {r["index"] for r in rows} == {str(i) for i in range(1, many.nuclei + 1)}
+
+
+def test_cancel_then_resume_gives_the_uninterrupted_result(tmp_path, squares_slide):
+    path, _ = squares_slide
+    full = drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "full", block_size=260))
+    gen = iter_segment_slide(open_slide(path), _oracle(), tmp_path / "cut", block_size=260)
+    steps = 0
+    for step in gen:  # cancel (as napari's worker.quit does) after three blocks
+        steps += "nuclei so far" in step.message  # a finished block
+        if steps == 3:
+            gen.close()
+            break
+    assert not is_finished(tmp_path / "cut", "squares")
+    resumed = drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "cut", block_size=260))
+    assert resumed.resumed == 3 and resumed.nuclei == full.nuclei
+    np.testing.assert_array_equal(zarr.open_array(str(resumed.labels), mode="r")[:],
+                                  zarr.open_array(str(full.labels), mode="r")[:])
+    assert json.loads(resumed.geojson.read_text()) == json.loads(full.geojson.read_text())
+    with pytest.raises(FileExistsError, match="other settings"):  # never mixed with another run's blocks
+        drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "cut", block_size=300))
+
+
+def test_cli_and_a_two_worker_dask_cluster_write_both_slides_and_skip_them_on_rerun(tmp_path, tiny_checkpoint):
+    from napari_bach.cli import main
+    from napari_bach.synthetic import synthetic_he
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for k in range(2):
+        write_pyramid(folder / f"slide{k}.tif", synthetic_he((256, 320), mpp=MPP, seed=k)[0])
+    out = tmp_path / "out"
+    argv = ["segment", str(folder), "--out", str(out), "--model", str(tiny_checkpoint), "--score-threshold", "0.3"]
+    assert main(argv + ["--workers", "2"]) == 0
+    for k in range(2):
+        assert (out / f"slide{k}_labels.zarr").is_dir() and (out / f"slide{k}_nuclei.geojson").is_file()
+        assert is_finished(out, f"slide{k}")
+    with open(out / "summary.csv") as fh:
+        rows = {r["image"].rsplit("/", 1)[-1]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"slide0.tif", "slide1.tif"} and all(int(r["nuclei"]) > 0 for r in rows.values())
+    assert main(argv) == 0  # here, not on dask: finished slides are skipped
+    with open(out / "summary.csv") as fh:
+        assert all("already finished" in r["note"] for r in csv.DictReader(fh))
+
+
+def test_segment_slide_widget_adds_lazy_labels_at_the_slide_scale(make_napari_viewer, qtbot, tmp_path, tiny_checkpoint):
+    import dask.array as da
+
+    from napari_bach._qt.common import SHAPES
+    from napari_bach._qt.slide_widget import SlideWidget
+    from napari_bach.synthetic import synthetic_he
+
+    path = write_pyramid(tmp_path / "s.tif", synthetic_he((256, 320), mpp=MPP, seed=3)[0])
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari-bach")
+    w = SlideWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.model.use_file(tiny_checkpoint)
+    w.run()
+    assert "output folder" in w._status.value and w.worker is None
+    w._out.value = str(tmp_path / "out")
+    w._region.value = SHAPES
+    w.run()
+    assert "draw a box" in w._status.value and w.worker is None
+    viewer.add_shapes([np.array([[40, 60], [40, 200], [160, 200], [160, 60]]) * MPP], shape_type="rectangle", name="roi")
+    w._region_layer.value = viewer.layers["roi"]
+    w.run()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
+    layer = viewer.layers["s nuclei"]
+    assert isinstance(layer.data, da.Array) and layer.data.shape == (120, 140)
+    assert layer.scale[-1] == pytest.approx(MPP) and tuple(layer.translate) == pytest.approx((40 * MPP, 60 * MPP))
+    assert f"{w.result.nuclei} nuclei" in w._status.value and "QuPath" in w._status.value
+
+
+def test_segment_nuclei_refuses_a_whole_slide_layer_with_a_pointer(make_napari_viewer, monkeypatch, squares_slide):
+    from napari_bach._qt import common
+    from napari_bach._qt.segment_widget import SegmentWidget
+
+    monkeypatch.setattr(common, "MAX_IN_MEMORY_PIXELS", 100_000)
+    viewer = make_napari_viewer()
+    viewer.open(str(squares_slide[0]), plugin="napari-bach")
+    w = SegmentWidget(viewer)
+    w.run()
+    assert "Segment slide" in w._status.value and w.worker is None

@@ -67,9 +67,18 @@ class BachMaskRCNN(MaskRCNN):
         self.transform = _TileTransform(0, 0, list(config.mean), list(config.std), size_divisible=32)
         self.tissue_head = TissueHead(backbone.out_channels, len(config.tissue_classes))
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None, tissue_only: bool = False):
         """Training: dict of losses. Eval: per image dict with boxes, scores, masks
-        (N×1×28×28 probabilities, not pasted) and tissue_logits."""
+        (N×1×28×28 probabilities, not pasted) and tissue_logits.
+
+        ``tissue_only`` (training): images with a tissue class but no nucleus outlines
+        train the backbone and tissue head alone; through ``forward`` so that
+        DistributedDataParallel sees the step."""
+        if tissue_only:
+            batch, _ = self.transform(images)
+            logits = self.tissue_head(self.backbone(batch.tensors))
+            labels = torch.stack([t["tissue"] for t in targets]).to(logits.device)
+            return {"loss_tissue": F.cross_entropy(logits.float(), labels)}
         batch, targets = self.transform(images, targets)
         features = self.backbone(batch.tensors)
         proposals, rpn_losses = self.rpn(batch, features, targets)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from napari_bach.config import BACKBONES, ModelConfig
 
+from .datasets import MONUSEG_ORGANS
+
 
 def _load_nuclei(args) -> tuple[list, list, list[str]]:
     """Nucleus samples from every source given; validation from exact instances only."""
@@ -23,6 +25,12 @@ def _load_nuclei(args) -> tuple[list, list, list[str]]:
     for images, masks in args.masks or []:
         samples += load_mask_folder(images, masks, args.masks_mpp)
         notes.append(f"mask folder {masks}")
+    if args.val_organ:  # unseen slides of one organ: e.g. "breast" holds out A7, AR and E2
+        from .datasets import organ_split
+
+        train, val = organ_split(samples, args.val_organ)
+        notes.append(f"{args.val_organ} images held out for validation ({len(val)} with exact outlines)")
+        return train, val, notes
     exact = [s for s in samples if s.exact]
     rough = [s for s in samples if not s.exact]
     train, val = stratified_split(exact, args.val_fraction, args.seed, args.folds, args.fold)
@@ -42,7 +50,9 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, val_every=args.val_every, patience=args.patience,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-                      threads=args.threads, max_steps=args.max_steps, crops_per_image=args.crops_per_image)
+                      threads=args.threads, max_steps=args.max_steps, crops_per_image=args.crops_per_image,
+                      workers=args.workers, accumulate=args.accumulate, lr_scaling=args.lr_scaling,
+                      amp=not args.no_amp, ema=args.ema)
     cfg.augment.crop = args.crop
     train, val, notes = _load_nuclei(args)
     tissue = []
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--folds", type=int, default=None, help="k-fold instead of a single split")
         p.add_argument("--fold", type=int, default=0)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--val-organ", default=None, choices=sorted(set(MONUSEG_ORGANS.values())),
+                       help="validate on every image of this organ (MoNuSeg TCGA site codes) and train on none")
 
     t = sub.add_parser("train", help="train a model")
     data_args(t)
@@ -135,11 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--crop", type=int, default=384)
     t.add_argument("--crops-per-image", type=int, default=4)
     t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=1e-3, help="for a batch of 2; scaled to the global batch (--lr-scaling)")
+    t.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default="sqrt",
+                   help="lr × (global batch / 2), or its square root (Adam's usual rule)")
+    t.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--workers", type=int, default=0, help="data-loader worker processes (augmentation in parallel)")
+    t.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too (default: bf16 autocast)")
+    t.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (e.g. 0.999; 0: off)")
     t.add_argument("--val-every", type=int, default=5, help="epochs between validations")
     t.add_argument("--patience", type=int, default=6, help="validations without improvement")
     t.add_argument("--checkpoint-every", type=int, default=200, help="steps")
-    t.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or mps (under torchrun: each rank its own GPU)")
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint (default OUT/last.pt)")
     t.add_argument("--license", default="", help="license of the training data, recorded in the checkpoint")

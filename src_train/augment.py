@@ -1,17 +1,27 @@
-"""Joint augmentation of image and instance labels, then normalisation-ready crops.
+"""Joint augmentation of image and instance labels in torch, on CPU workers or a GPU.
 
-Geometry (rotation, flip, scale) is one affine warp applied to image and labels together;
-boxes and masks are derived from the warped labels afterwards, so they stay aligned by
-construction. Colour: brightness/contrast, hue/saturation and H&E stain jitter in colour
-deconvolution space (Tellez et al. 2018), which is what varies between labs and scanners.
+Geometry (rotation, flip, scale, crop) is one affine warp (``affine_grid`` +
+``grid_sample``) applied to image and labels together; boxes and masks are derived from
+the warped labels afterwards, so they stay aligned by construction. Colour: H&E stain
+jitter as one 3×3 matrix (plus offset) in optical-density space (Tellez et al. 2018),
+then hue/saturation, brightness/contrast and blur with torchvision's tensor functions.
+Every random number comes from the ``torch.Generator`` passed in, so a crop is a pure
+function of its seed: resuming, or any number of loader workers, gives the same crops.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.color import hed2rgb, hsv2rgb, rgb2hed, rgb2hsv
-from skimage.transform import AffineTransform, warp
+import torch
+import torch.nn.functional as F
+from skimage.color import hed_from_rgb, rgb_from_hed
+from torchvision.transforms.v2 import functional as TF
+
+RGB_FROM_HED = torch.tensor(rgb_from_hed, dtype=torch.float32)
+HED_FROM_RGB = torch.tensor(hed_from_rgb, dtype=torch.float32)
+OD_FLOOR = 1e-6  # as scikit-image's rgb2hed: no log of zero
 
 
 @dataclass
@@ -24,55 +34,83 @@ class AugmentConfig:
     contrast: float = 0.15
     hue: float = 0.04
     saturation: float = 0.2
-    stain_sigma: float = 0.05  # multiplicative/additive jitter per H, E, D channel
+    stain_sigma: float = 0.05  # multiplicative jitter per H, E, D channel; additive in OD units
     blur_p: float = 0.1
 
 
-def random_geometry(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                    crop: int, scale: tuple[float, float] = (1.0, 1.0), rotate: bool = False,
-                    flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """A crop×crop window at a random centre, rotated, scaled and flipped in one warp."""
+def _uniform(gen: torch.Generator, lo: float, hi: float, n: int = 1) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def affine_theta(in_hw: tuple[int, int], crop: int, centre: tuple[float, float], scale: float, angle: float,
+                 flip: bool) -> torch.Tensor:
+    """``affine_grid``'s 2×3 matrix: output crop pixel -> input pixel, both normalised."""
+    h, w = in_hw
+    cos, sin = math.cos(angle), math.sin(angle)
+    sx = -1.0 if flip else 1.0
+    # pixel space (x, y, 1): centre the output, flip, scale down, rotate, move to the centre
+    m = torch.tensor([[cos * sx / scale, -sin / scale, 0.0], [sin * sx / scale, cos / scale, 0.0], [0, 0, 1]])
+    m[:2, 2] = torch.tensor(centre[::-1]) - m[:2, :2] @ torch.tensor([crop / 2, crop / 2])
+    # normalised (align_corners=False): p = ((n + 1) * size - 1) / 2
+    out_from_norm = torch.tensor([[crop / 2, 0, (crop - 1) / 2], [0, crop / 2, (crop - 1) / 2], [0, 0, 1]])
+    norm_from_in = torch.tensor([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]])
+    return (norm_from_in @ m @ out_from_norm)[:2]
+
+
+def random_geometry(image: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, crop: int,
+                    scale: tuple[float, float] = (1.0, 1.0), rotate: bool = False,
+                    flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A crop×crop window at a random centre, rotated, scaled and flipped in one warp.
+
+    ``image``: 3×H×W float in [0, 1]; ``labels``: H×W integer ids. Outside the image is
+    glass (white) and background."""
     h, w = labels.shape
-    s = float(np.exp(rng.uniform(np.log(scale[0]), np.log(scale[1]))))
-    angle = rng.uniform(0, 2 * np.pi) if rotate else 0.0
-    half_in = crop / (2 * s)
-    cy = rng.uniform(min(half_in, h / 2), max(h - half_in, h / 2))
-    cx = rng.uniform(min(half_in, w / 2), max(w - half_in, w / 2))
-    sx = -1.0 if flip and rng.random() < 0.5 else 1.0
-    # output (x, y) -> input (x, y): centre the output, flip, scale down, rotate, move to (cx, cy)
-    tf = (AffineTransform(translation=(-crop / 2, -crop / 2))
-          + AffineTransform(scale=(sx / s, 1.0 / s))
-          + AffineTransform(rotation=angle)
-          + AffineTransform(translation=(cx, cy)))
-    img = warp(image, tf, output_shape=(crop, crop), order=1, mode="constant", cval=1.0, preserve_range=False)
-    lab = warp(labels, tf, output_shape=(crop, crop), order=0, mode="constant", cval=0, preserve_range=True)
-    return (img * 255).round().astype(np.uint8), lab.astype(np.int32)
+    s = float(torch.exp(_uniform(gen, math.log(scale[0]), math.log(scale[1]))))
+    angle = float(_uniform(gen, 0, 2 * math.pi)) if rotate else 0.0
+    half = crop / (2 * s)
+    cy = float(_uniform(gen, min(half, h / 2), max(h - half, h / 2)))
+    cx = float(_uniform(gen, min(half, w / 2), max(w - half, w / 2)))
+    mirrored = bool(flip and torch.rand(1, generator=gen) < 0.5)
+    theta = affine_theta((h, w), crop, (cy, cx), s, angle, mirrored).to(image.device)
+    grid = F.affine_grid(theta[None], [1, 1, crop, crop], align_corners=False)
+    img = F.grid_sample(image[None] - 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + 1.0
+    lab = F.grid_sample(labels[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return img.clamp_(0, 1), lab[0, 0].round().to(torch.int64)
 
 
-def jitter_colour(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
-    """Stain, hue/saturation and brightness/contrast jitter on an RGB uint8 image."""
-    x = image.astype(np.float64) / 255.0
+def stain_matrix(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3×3 map (and offset) in optical density that scales H, E, D by ``alpha`` and
+    shifts them by ``beta``: od' = od @ M + b."""
+    return HED_FROM_RGB @ torch.diag(alpha) @ RGB_FROM_HED, beta @ RGB_FROM_HED
+
+
+def jitter_colour(image: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Stain, hue/saturation, brightness/contrast jitter and blur of a 3×H×W image in [0, 1]."""
+    x = image
     if cfg.stain_sigma > 0:
-        hed = rgb2hed(x)
-        alpha = rng.uniform(1 - cfg.stain_sigma, 1 + cfg.stain_sigma, 3)
-        beta = rng.uniform(-cfg.stain_sigma, cfg.stain_sigma, 3) * 0.1
-        x = np.clip(hed2rgb(hed * alpha + beta), 0, 1)
-    if cfg.hue > 0 or cfg.saturation > 0:
-        hsv = rgb2hsv(x)
-        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-cfg.hue, cfg.hue)) % 1.0
-        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(1 - cfg.saturation, 1 + cfg.saturation), 0, 1)
-        x = hsv2rgb(hsv)
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
-    x = x + rng.uniform(-cfg.brightness, cfg.brightness)
-    if cfg.blur_p and rng.random() < cfg.blur_p:
-        from scipy.ndimage import gaussian_filter
-
-        x = gaussian_filter(x, sigma=(rng.uniform(0.5, 1.2),) * 2 + (0,))
-    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+        m, b = stain_matrix(_uniform(gen, 1 - cfg.stain_sigma, 1 + cfg.stain_sigma, 3),
+                            _uniform(gen, -cfg.stain_sigma, cfg.stain_sigma, 3))
+        od = -torch.log(x.clamp(min=OD_FLOOR))
+        od = torch.einsum("chw,cd->dhw", od, m.to(x.device)) + b.to(x.device)[:, None, None]
+        x = torch.exp(-od.clamp(min=0)).clamp_(0, 1)
+    if cfg.hue > 0:
+        x = TF.adjust_hue(x, float(_uniform(gen, -cfg.hue, cfg.hue)))
+    if cfg.saturation > 0:
+        x = TF.adjust_saturation(x, float(_uniform(gen, 1 - cfg.saturation, 1 + cfg.saturation)))
+    x = TF.adjust_contrast(x, float(_uniform(gen, 1 - cfg.contrast, 1 + cfg.contrast)))
+    x = (x + float(_uniform(gen, -cfg.brightness, cfg.brightness))).clamp_(0, 1)
+    if cfg.blur_p and float(torch.rand(1, generator=gen)) < cfg.blur_p:
+        sigma = float(_uniform(gen, 0.5, 1.2))
+        x = TF.gaussian_blur(x, kernel_size=[5, 5], sigma=[sigma, sigma])
+    return x
 
 
-def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-            cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
-    img, lab = random_geometry(image, labels, rng, cfg.crop, cfg.scale, cfg.rotate, cfg.flip)
-    return jitter_colour(img, rng, cfg), lab
+def augment(image: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
+            cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    img, lab = random_geometry(image, labels, gen, cfg.crop, cfg.scale, cfg.rotate, cfg.flip)
+    return jitter_colour(img, gen, cfg), lab
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """RGB uint8 H×W×3 -> float 3×H×W in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)

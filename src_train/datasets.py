@@ -21,6 +21,32 @@ from napari_bach.config import BACH_CLASSES
 from napari_bach.imageio import IMAGE_SUFFIXES, read_image
 
 MONUSEG_MPP = 0.2527
+# Organ of each TCGA tissue source site in MoNuSeg 2018's training set (the challenge's own
+# organ labels): the code after "TCGA-" names the hospital and study.
+MONUSEG_ORGANS = {
+    "A7": "breast", "AR": "breast", "E2": "breast",
+    "B0": "kidney", "HE": "kidney",
+    "18": "liver", "21": "liver", "38": "liver", "49": "liver", "50": "liver",
+    "G9": "prostate", "CH": "prostate",
+    "DK": "bladder", "G2": "bladder",
+    "AY": "colon", "NH": "colon",
+    "KB": "stomach", "RD": "stomach",
+}
+
+
+def organ_of(name: str) -> str | None:
+    """The organ of a TCGA-named image (``TCGA-A7-A13E-…`` -> breast), None if unknown."""
+    parts = name.split("-")
+    return MONUSEG_ORGANS.get(parts[1]) if len(parts) > 2 and parts[0] == "TCGA" else None
+
+
+def organ_split(samples: list["Sample"], organ: str) -> tuple[list["Sample"], list["Sample"]]:
+    """Train on every other organ; validate on this organ's exactly outlined images.
+    Its images without exact outlines are used for neither: they are unseen slides too."""
+    held = [s for s in samples if organ_of(s.name) == organ]
+    if not held:
+        raise ValueError(f"no {organ} images (TCGA site codes {sorted(k for k, v in MONUSEG_ORGANS.items() if v == organ)})")
+    return [s for s in samples if organ_of(s.name) != organ], [s for s in held if s.exact]
 
 
 @dataclass

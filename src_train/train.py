@@ -2,8 +2,12 @@
 
 Nucleus crops (MoNuSeg XML/masks, exported napari labels) train every head; BACH images,
 which have a tissue class but no nucleus outlines, train the backbone and the tissue head
-in steps of their own. Everything is seeded and the RNG states are checkpointed, so
-``--resume`` continues the very same run.
+in steps of their own. Crops come from :mod:`src_train.loader` (workers, pinned memory);
+on CUDA the forward runs in bf16 autocast and channels-last. Under ``torchrun`` the model
+is wrapped in DistributedDataParallel (NCCL on CUDA, gloo on CPU): each rank draws its own
+crops, rank 0 alone logs, validates and writes checkpoints, in the same format. Everything
+is seeded and the RNG states and crop positions are checkpointed, so ``--resume``
+continues the very same run.
 """
 from __future__ import annotations
 
@@ -15,16 +19,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import os
+from contextlib import nullcontext
+
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from napari_bach.checkpoint import ModelInfo, read_checkpoint, save_checkpoint
 from napari_bach.config import ModelConfig
 from napari_bach.model import BachMaskRCNN, build_model
 
-from .augment import AugmentConfig, augment, jitter_colour, random_geometry
-from .datasets import Sample, instances_from_labels, rescale_sample
+from .augment import AugmentConfig
+from .datasets import Sample, rescale_sample
+from .loader import CropStream, make_loader
 from .metrics import pooled_nucleus_metrics
 
 LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask", "loss_tissue")
@@ -48,23 +56,50 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
     max_steps: int = 0  # 0: epochs decide
+    workers: int = 0  # loader worker processes (0: augment in the training process)
+    accumulate: int = 1  # micro-batches per optimizer step
+    lr_scaling: str = "sqrt"  # lr is for REFERENCE_BATCH crops; scaled to the global batch: none|linear|sqrt
+    amp: bool = True  # bf16 autocast on CUDA (CPU always trains in fp32)
+    ema: float = 0.0  # >0: keep an exponential moving average of the weights (e.g. 0.999) and ship it
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
-def make_target(labels: np.ndarray, tissue: int = -1) -> dict[str, torch.Tensor]:
-    boxes, masks, _ = instances_from_labels(labels)
-    return {"boxes": torch.from_numpy(boxes), "labels": torch.ones(len(boxes), dtype=torch.int64),
-            "masks": torch.from_numpy(masks), "tissue": torch.tensor(tissue)}
+REFERENCE_BATCH = 2  # the batch --lr is given for
 
 
-def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process is in a ``torchrun`` job (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: str) -> str:
+        """Join the process group; returns this rank's device."""
+        if self.world == 1:
+            return device
+        if device.startswith("cuda"):
+            torch.cuda.set_device(self.local_rank)
+            device = f"cuda:{self.local_rank}"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return device
 
 
-def tissue_loss(model: BachMaskRCNN, images: list[torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the tissue head alone, for images without nucleus outlines."""
-    batch, _ = model.transform(images)
-    return F.cross_entropy(model.tissue_head(model.backbone(batch.tensors)), classes)
+def scaled_lr(cfg: "TrainConfig", world: int) -> float:
+    """Base lr for the global batch (batch × accumulate × ranks), from REFERENCE_BATCH."""
+    ratio = cfg.batch_size * cfg.accumulate * world / REFERENCE_BATCH
+    return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -90,29 +125,53 @@ class Trainer:
                  nuclei_val: list[Sample], tissue_train: list[Sample] = (), data_note: str = "",
                  license: str = "", pretrained: str | None = None) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
+        self.dist = Distributed.from_env()
+        self.device = self.dist.start(cfg.device)
         self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.rng = np.random.default_rng(cfg.seed)  # the same nucleus/tissue step choices on every rank
         self.train = [rescale_sample(s, model_cfg.mpp) for s in nuclei_train]
         self.val = list(nuclei_val)
         self.tissue = [rescale_sample(s, model_cfg.mpp) for s in tissue_train]
         self.data_note, self.license = data_note, license
-        self.model = build_model(model_cfg, pretrained=pretrained).to(cfg.device).train()
+        cuda = self.device.startswith("cuda")
+        self.model = build_model(model_cfg, pretrained=pretrained).to(self.device).train()
+        if cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.net = self.model
+        if self.dist.world > 1:  # tissue steps leave the detection heads unused, and vice versa
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[self.dist.local_rank] if cuda else None,
+                                               find_unused_parameters=True)
+        self.ema = None
+        if cfg.ema > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        self.base_lr = scaled_lr(cfg, self.dist.world)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == "adam":
-            self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.opt = torch.optim.Adam(params, lr=self.base_lr, weight_decay=cfg.weight_decay)
         elif cfg.optimizer == "sgd":
-            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+            self.opt = torch.optim.SGD(params, lr=self.base_lr, momentum=0.9, weight_decay=cfg.weight_decay)
         else:
             raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext())
         n_items = len(self.train) + len(self.tissue)
-        self.steps_per_epoch = max(1, math.ceil(n_items * cfg.crops_per_image / cfg.batch_size))
+        global_batch = cfg.batch_size * cfg.accumulate * self.dist.world
+        self.steps_per_epoch = max(1, math.ceil(n_items * cfg.crops_per_image / global_batch))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.step, self.best, self.bad_validations, self.history = 0, -1.0, 0, []
+        self.drawn = {"nuclei": 0, "tissue": 0}  # batches taken from each stream: where a resume continues
+        self._streams = {"nuclei": CropStream(self.train, cfg.augment, cfg.seed, self.dist.rank),
+                         "tissue": CropStream(self.tissue, cfg.augment, cfg.seed + 1, self.dist.rank)}
+        self._batches: dict = {}
 
     # -- checkpoints -------------------------------------------------------------------
     def info(self, metrics: dict | None = None) -> ModelInfo:
@@ -121,21 +180,39 @@ class Trainer:
                          license=self.license, steps=self.step, metrics=metrics or {},
                          notes=f"trained from scratch by src_train, seed {self.cfg.seed}")
 
-    def save(self, name: str, metrics: dict | None = None, with_state: bool = True) -> Path:
+    def shipped_model(self) -> BachMaskRCNN:
+        """The weights validated and shipped: the moving average when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def save(self, name: str, metrics: dict | None = None, with_state: bool = True) -> Path | None:
+        """Rank 0 writes; the file format is the same with one process or many."""
+        if not self.dist.main:
+            return None
         state = None
         if with_state:
             state = {"step": self.step, "best": self.best, "bad_validations": self.bad_validations,
                      "history": json.dumps(self.history), "optimizer": self.opt.state_dict(),
                      "torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(self.rng.bit_generator.state),
-                     "python_rng": json.dumps(random.getstate()), "train_config": json.dumps(asdict(self.cfg))}
-        return save_checkpoint(self.out / name, self.model, self.info(metrics), train_state=state)
+                     "python_rng": json.dumps(random.getstate()), "train_config": json.dumps(asdict(self.cfg)),
+                     "drawn": json.dumps(self.drawn), "world": self.dist.world}
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+                state["weights"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        model = self.shipped_model()
+        return save_checkpoint(self.out / name, model, self.info(metrics), train_state=state)
 
     def resume(self, path: str | Path) -> None:
         payload = read_checkpoint(path)
         if "train_state" not in payload:
             raise ValueError(f"{path} has no training state to resume from")
-        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
         st = payload["train_state"]
+        weights = st.get("weights", payload["state_dict"])  # with EMA the file's weights are the average
+        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+        if self.ema is not None and "ema" in st:
+            self.ema.load_state_dict(st["ema"])
+        self.drawn = json.loads(st.get("drawn", '{"nuclei": 0, "tissue": 0}'))
+        if int(st.get("world", 1)) != self.dist.world:
+            print(f"note: resumed a {st.get('world', 1)}-process run with {self.dist.world}: crops continue per rank")
         self.opt.load_state_dict(st["optimizer"])
         self.step, self.best, self.bad_validations = int(st["step"]), float(st["best"]), int(st["bad_validations"])
         self.history = json.loads(st["history"])
@@ -145,45 +222,45 @@ class Trainer:
         random.setstate((state[0], tuple(state[1]), state[2]))
 
     # -- one step ------------------------------------------------------------------------
-    def _nucleus_batch(self):
-        images, targets = [], []
-        for _ in range(self.cfg.batch_size):
-            s = self.train[int(self.rng.integers(len(self.train)))]
-            img, lab = augment(s.image, s.labels, self.rng, self.cfg.augment)
-            images.append(to_tensor(img).to(self.cfg.device))
-            targets.append({k: v.to(self.cfg.device) for k, v in make_target(lab, s.tissue).items()})
+    def _next(self, kind: str):
+        """The next batch of ``kind`` ("nuclei" or "tissue"), on this rank's device."""
+        if kind not in self._batches:  # a loader starts where the (resumed) run left off
+            loader = make_loader(self._streams[kind], self.cfg.batch_size, self.drawn[kind] * self.cfg.batch_size,
+                                 self.cfg.workers, pin_memory=self.device.startswith("cuda"))
+            self._batches[kind] = iter(loader)
+        images, targets = next(self._batches[kind])
+        self.drawn[kind] += 1
+        memory = torch.channels_last if self.device.startswith("cuda") else torch.contiguous_format
+        images = [im.to(self.device, non_blocking=True).contiguous(memory_format=memory) for im in images]
+        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         return images, targets
-
-    def _tissue_batch(self):
-        images, classes = [], []
-        for _ in range(self.cfg.batch_size):
-            s = self.tissue[int(self.rng.integers(len(self.tissue)))]
-            a = self.cfg.augment
-            img, _ = random_geometry(s.image, np.zeros(s.image.shape[:2], np.int32), self.rng, a.crop, a.scale, a.rotate, a.flip)
-            images.append(to_tensor(jitter_colour(img, self.rng, a)).to(self.cfg.device))
-            classes.append(s.tissue)
-        return images, torch.tensor(classes, device=self.cfg.device)
 
     def train_step(self) -> dict[str, float]:
         for group in self.opt.param_groups:
-            group["lr"] = self.cfg.lr * lr_factor(self.step, self.total_steps, self.cfg.warmup_steps)
+            group["lr"] = self.base_lr * lr_factor(self.step, self.total_steps, self.cfg.warmup_steps)
         use_tissue = self.tissue and (not self.train or self.rng.random() < len(self.tissue) / (len(self.tissue) + len(self.train)))
-        if use_tissue:
-            images, classes = self._tissue_batch()
-            losses = {"loss_tissue": tissue_loss(self.model, images, classes)}
-        else:
-            images, targets = self._nucleus_batch()
-            losses = self.model(images, targets)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss became {total.item()} at step {self.step}; lower --lr")
+        kind = "tissue" if use_tissue else "nuclei"
         self.opt.zero_grad(set_to_none=True)
-        total.backward()
+        sums: dict[str, float] = {}
+        for micro in range(self.cfg.accumulate):
+            images, targets = self._next(kind)
+            sync = micro == self.cfg.accumulate - 1 or self.net is self.model
+            with (nullcontext() if sync else self.net.no_sync()), self.autocast:
+                losses = self.net(images, targets, tissue_only=use_tissue)
+            total = sum(losses.values()) / self.cfg.accumulate
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"loss became {total.item()} at step {self.step}; lower --lr")
+            with nullcontext() if sync else self.net.no_sync():
+                total.backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / self.cfg.accumulate
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.step += 1
-        row = {k: losses[k].item() if k in losses else "" for k in LOSS_KEYS}
-        row["loss"] = total.item()
+        row = {k: sums.get(k, "") for k in LOSS_KEYS}
+        row["loss"] = sum(sums.values())
         return row
 
     # -- the run -------------------------------------------------------------------------
@@ -191,12 +268,12 @@ class Trainer:
         log_path = self.out / "log.csv"
         fields = ["step", "epoch", "lr", "loss", *LOSS_KEYS, "seconds"]
         new_log = not log_path.exists() or self.step == 0
-        log = open(log_path, "w" if new_log else "a", newline="")
+        log = open(log_path if self.dist.main else os.devnull, "w" if new_log else "a", newline="")
         writer = csv.DictWriter(log, fieldnames=fields)
         if new_log:
             writer.writeheader()
         bar = None
-        if progress:
+        if progress and self.dist.main:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", mininterval=5)
@@ -226,9 +303,18 @@ class Trainer:
         return {"steps": self.step, "best": self.best, "stopped_early": stopped_early, "history": self.history}
 
     def _validate(self) -> bool:
-        """Validate, keep the best checkpoint; True when early stopping triggers."""
+        """Rank 0 validates and keeps the best checkpoint; every rank learns whether early
+        stopping triggered. True when it did."""
+        stop = [False]
+        if self.dist.main:
+            stop[0] = self._validate_here()
+        if self.dist.world > 1:
+            dist.broadcast_object_list(stop, src=0)
+        return stop[0]
+
+    def _validate_here(self) -> bool:
         t0 = time.perf_counter()
-        metrics = validate(self.model, self.val)
+        metrics = validate(self.shipped_model(), self.val)
         metrics.update(step=self.step, seconds=round(time.perf_counter() - t0, 1))
         self.history.append(metrics)
         with open(self.out / "val.jsonl", "a") as fh:

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
+from napari_bach.model import build_model
 from napari_bach.synthetic import synthetic_he
 from src_train.augment import AugmentConfig, augment
 from src_train.datasets import (Sample, instances_from_labels, load_bach, load_monuseg, read_aperio_xml, read_mask,
@@ -76,10 +77,14 @@ def test_rescale_keeps_instances():
 
 
 def test_augmentation_keeps_image_masks_and_boxes_aligned():
+    from src_train.augment import to_tensor
+
     rgb, labels = synthetic_he((300, 300), mpp=0.4, seed=2)
-    rng = np.random.default_rng(5)
+    gen = torch.Generator().manual_seed(5)
     for _ in range(4):
-        img, lab = augment(rgb, labels, rng, AugmentConfig(crop=160))
+        img, lab = augment(to_tensor(rgb), torch.from_numpy(labels), gen, AugmentConfig(crop=160))
+        img = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        lab = lab.numpy().astype(np.int32)
         dark = img.astype(int).sum(-1) < 450  # hematoxylin-dark pixels
         inside = dark[lab > 0].mean()
         outside = dark[lab == 0].mean()
@@ -199,3 +204,107 @@ def test_tissue_metrics_match_hand_computation():
     assert m["per_class"]["Benign"]["precision"] == 0.5 and m["per_class"]["Benign"]["recall"] == 1.0
     assert m["per_class"]["Invasive"]["f1"] == pytest.approx(2 / 3)
     assert roc_auc(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.4, 0.4])) == pytest.approx((3 + 0.5) / 4)  # pairs: 0.9>0.1, 0.9>0.4, 0.4>0.1, 0.4=0.4
+
+
+def test_crops_are_a_pure_function_of_their_index_whatever_the_workers():
+    """What makes --resume exact and DDP ranks distinct, with any number of loader workers."""
+    from src_train.loader import CropStream, make_loader
+
+    stream = CropStream(_synthetic_samples(2, size=128), AugmentConfig(crop=64), seed=7)
+    here = next(iter(make_loader(stream, 4, start=10)))
+    pooled = next(iter(make_loader(stream, 4, start=10, workers=2)))
+    for a, b in zip(here[0], pooled[0]):
+        torch.testing.assert_close(a, b)
+    later = next(iter(make_loader(stream, 2, start=12)))
+    torch.testing.assert_close(later[0][0], here[0][2])  # crop 12 is crop 12
+    other_rank = CropStream(_synthetic_samples(2, size=128), AugmentConfig(crop=64), seed=7, rank=1)
+    assert not torch.equal(other_rank[10][0], stream[10][0])
+
+
+def test_stain_jitter_is_a_3x3_map_in_optical_density_matching_colour_deconvolution():
+    from skimage.color import hed2rgb, rgb2hed
+
+    from src_train.augment import OD_FLOOR, stain_matrix, to_tensor
+
+    rgb, _ = synthetic_he((40, 40), mpp=0.4, seed=1)
+    x = to_tensor(rgb)
+    alpha, beta = torch.tensor([1.1, 0.9, 1.0]), torch.zeros(3)
+    m, b = stain_matrix(alpha, beta)
+    od = -torch.log(x.clamp(min=OD_FLOOR))
+    ours = torch.exp(-(torch.einsum("chw,cd->dhw", od, m) + b[:, None, None]).clamp(min=0)).permute(1, 2, 0).numpy()
+    hed = rgb2hed(rgb)
+    reference = hed2rgb(hed * alpha.numpy())  # scikit-image's own deconvolution and back
+    linear = (hed > 0).all(-1)  # skimage clips negative stain amounts; elsewhere both are the same linear map
+    assert linear.sum() > 200
+    np.testing.assert_allclose(ours[linear], reference[linear], atol=2e-3)
+    identity, zero = stain_matrix(torch.ones(3), torch.zeros(3))
+    torch.testing.assert_close(identity, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = TrainConfig(out=out, max_steps=3, warmup_steps=1, checkpoint_every=1000, val_every=1000, seed=3)
+    cfg.augment = AugmentConfig(crop=96)
+    t = Trainer(tiny_config(), cfg, _synthetic_samples(2, size=128), [])
+    t.run(progress=False)
+    torch.save({k: v.detach().clone() for k, v in t.model.state_dict().items()}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_end_with_identical_weights(tmp_path):
+    """torchrun --nproc_per_node=2 on CPU: DistributedDataParallel averages gradients, so
+    both ranks hold the same model after every step, and only rank 0 writes checkpoints."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    start = build_model(tiny_config()).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # and they did train
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "log.csv").read_text().count("\n") == 4
+
+
+def test_ema_weights_are_validated_shipped_and_resumed(tmp_path):
+    t = _trainer(tmp_path / "a", max_steps=4, ema=0.5, accumulate=2)
+    for _ in range(2):
+        t.train_step()
+    saved = t.save("last.pt")
+    from napari_bach.checkpoint import read_checkpoint
+
+    payload = read_checkpoint(saved)
+    ema = t.ema.module.state_dict()
+    raw = t.model.state_dict()
+    key = next(k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], ema[k]))
+    torch.testing.assert_close(payload["state_dict"][key], ema[key])  # the file ships the average
+    raw, ema = {k: v.clone() for k, v in raw.items()}, {k: v.clone() for k, v in ema.items()}
+    expected = t.train_step()["loss"]  # before the resumed run restores the global RNG
+    resumed = _trainer(tmp_path / "b", max_steps=4, ema=0.5, accumulate=2)
+    resumed.resume(saved)
+    torch.testing.assert_close(resumed.model.state_dict()[key], raw[key])
+    torch.testing.assert_close(resumed.ema.module.state_dict()[key], ema[key])
+    assert resumed.train_step()["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_organ_hold_out_validates_on_unseen_breast_slides():
+    from src_train.datasets import organ_of, organ_split
+
+    names = ["TCGA-A7-A13E-01Z-00-DX1", "TCGA-AR-A1AK-01Z-00-DX1", "TCGA-E2-A14V-01Z-00-DX1",
+             "TCGA-B0-5698-01Z-00-DX1", "TCGA-G9-6336-01Z-00-DX1", "other"]
+    samples = [Sample(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int32), 0.25, name=n, exact=i != 1)
+               for i, n in enumerate(names)]
+    assert [organ_of(n) for n in names] == ["breast"] * 3 + ["kidney", "prostate", None]
+    train, val = organ_split(samples, "breast")
+    assert [s.name for s in val] == [names[0], names[2]]  # exact breast outlines only
+    assert [s.name for s in train] == names[3:]  # no breast image is trained on, outlined or not
+    with pytest.raises(ValueError, match="no colon images"):
+        organ_split(samples, "colon")

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, Select, SpinBox, create_widget
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, Select, SpinBox, create_widget
 
 from ..anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, iter_anchors_in_region, iter_proposals, make_generator
 from ..checkpoint import cached_model
 from ..edit import segmentation_from_labels
+from ..predict import available_devices
 from .common import EXPECTED_ERRORS, BackgroundTask, ModelPicker, RegionPicker, layer_pixel_size, layer_rgb, row, wrap
 from .layers import box_corners
 
@@ -50,6 +51,7 @@ class AnchorWidget(Container):
         self._viewer = viewer
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
         self.model = ModelPicker()
+        self._device = ComboBox(label="Device", choices=available_devices(), value="cpu")
         self._levels = Select(label="FPN levels", choices=LEVELS, value=["P2", "P3"])
         self._sizes = LineEdit(label="Anchor sizes", value="")
         self._sizes.native.setPlaceholderText("model's own, e.g. 8,11 16,23 32,45 64,91 128,181")
@@ -69,7 +71,7 @@ class AnchorWidget(Container):
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self._status = Label(label="Status", value="")
         wrap(self._status)
-        self.extend([self._image, *self.model.widgets, self._levels, self._sizes, self._ratios, self._region,
+        self.extend([self._image, *self.model.widgets, self._device, self._levels, self._sizes, self._ratios, self._region,
                      self._region_layer, self._nuclei, self._fg, self._bg, self._cap, self._show_anchors, self._k,
                      self._nms, row(self._show_proposals, self._cancel), self._progress, self._status])
         self.task = BackgroundTask(self._progress, self._status, [self._show_anchors, self._show_proposals],
@@ -93,7 +95,7 @@ class AnchorWidget(Container):
 
     def _factor_and_model(self, layer):
         """The model (cached) and image-to-model scale; unknown µm/px runs at the model's own."""
-        model, _ = cached_model(self.model.path(), "cpu")
+        model, _ = cached_model(self.model.path(), "cpu")  # anchors are geometry: no device needed
         return model, (layer_pixel_size(layer).mpp or model.config.mpp) / model.config.mpp
 
     def show_anchors(self) -> None:
@@ -154,8 +156,8 @@ class AnchorWidget(Container):
             self.task.fail(exc)
             return
         placement = {"scale": layer.scale[-2:], "units": layer.units[-2:]}
-        self.task.start(_proposals, rgb, self.model.path(), layer_pixel_size(layer).mpp, region, int(self._k.value),
-                        float(self._nms.value), done=lambda out: self._on_proposals(out, placement))
+        self.task.start(_proposals, rgb, self.model.path(), self._device.value, layer_pixel_size(layer).mpp, region,
+                        int(self._k.value), float(self._nms.value), done=lambda out: self._on_proposals(out, placement))
 
     def _on_proposals(self, out, placement: dict) -> None:
         before, after = out
@@ -176,6 +178,6 @@ def _anchors(generator, image_hw, factor, regions, levels, gt, fg, bg, cap):
     return views
 
 
-def _proposals(rgb, model_path, mpp, region, k, nms_iou):
-    model, _ = cached_model(model_path, "cpu")
+def _proposals(rgb, model_path, device, mpp, region, k, nms_iou):
+    model, _ = cached_model(model_path, device)
     return (yield from iter_proposals(rgb, model, mpp, region, k, nms_iou))

@@ -1,0 +1,80 @@
+"""Training data as a ``torch.utils.data`` pipeline that keeps a GPU fed.
+
+:class:`CropStream` is an endless, indexable stream of augmented crops: crop ``i`` of
+rank ``r`` is a pure function of ``(seed, r, i)``. Loader workers can therefore run in any
+number and order, each rank of a DistributedDataParallel run sees its own crops, and a
+resumed run continues at crop ``step × batch`` with exactly the crops it would have seen.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .augment import AugmentConfig, augment, to_tensor
+from .datasets import Sample, instances_from_labels
+
+
+def make_target(labels: np.ndarray, tissue: int = -1) -> dict[str, torch.Tensor]:
+    boxes, masks, _ = instances_from_labels(labels)
+    return {"boxes": torch.from_numpy(boxes), "labels": torch.ones(len(boxes), dtype=torch.int64),
+            "masks": torch.from_numpy(masks), "tissue": torch.tensor(tissue)}
+
+
+def crop_seed(seed: int, rank: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class CropStream(Dataset):
+    """Augmented crops drawn from ``samples``: images with nucleus labels, or tissue-only
+    images (``labels`` None), which yield a tissue class and no boxes."""
+
+    def __init__(self, samples: list[Sample], augment_cfg: AugmentConfig, seed: int = 0, rank: int = 0) -> None:
+        self.images = [torch.from_numpy(np.ascontiguousarray(s.image)) for s in samples]  # uint8, shared by workers
+        self.labels = [None if s.labels is None else torch.from_numpy(s.labels.astype(np.int32)) for s in samples]
+        self.tissue = [s.tissue for s in samples]
+        self.cfg, self.seed, self.rank = augment_cfg, seed, rank
+
+    def __len__(self) -> int:
+        return 2**62  # endless: the sampler decides where to start and when to stop
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(crop_seed(self.seed, self.rank, index))
+        k = int(torch.randint(len(self.images), (1,), generator=gen))
+        image = to_tensor(self.images[k].numpy())
+        labels = self.labels[k] if self.labels[k] is not None else torch.zeros(image.shape[1:], dtype=torch.int32)
+        img, lab = augment(image, labels, gen, self.cfg)
+        if self.labels[k] is None:
+            return img, {"tissue": torch.tensor(self.tissue[k])}
+        return img, make_target(lab.numpy().astype(np.int32), self.tissue[k])
+
+
+class FromIndex(Sampler):
+    """``start, start + 1, …``: where a (resumed) run is in its stream of crops."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.start = start
+
+    def __iter__(self):
+        i = self.start
+        while True:
+            yield i
+            i += 1
+
+    def __len__(self) -> int:
+        return 2**62
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+def make_loader(stream: CropStream, batch_size: int, start: int = 0, workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """Workers augment in parallel (persistent, so they start once); pinned memory lets
+    host-to-GPU copies overlap compute."""
+    # Its own generator: creating a loader must not draw from the global torch RNG, which
+    # the model's RPN/ROI samplers use and a resume restores.
+    return DataLoader(stream, batch_size=batch_size, sampler=FromIndex(start), num_workers=workers,
+                      collate_fn=collate, pin_memory=pin_memory, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(0))

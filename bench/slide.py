@@ -25,7 +25,8 @@ def one(size: int, device: str, threads: int, block: int, workdir: Path) -> dict
 
     from napari_bach.checkpoint import DEFAULT_MODEL, load_checkpoint
     from napari_bach.predict import drain
-    from napari_bach.slide import iter_segment_slide, open_slide, tissue_mask
+    from napari_bach.slide import iter_segment_slide
+    from napari_bach.slideio import open_slide, tissue_mask
     from napari_bach.synthetic import write_synthetic_slide
 
     torch.set_num_threads(threads)

@@ -19,6 +19,8 @@ import napari
 import numpy as np
 from qtpy.QtWidgets import QApplication, QWidget
 
+import napari_bach.model  # noqa: F401,E402  torch before napari's OpenGL canvas (see napari_bach/__init__.py)
+
 
 def _wait(widget) -> None:
     while widget.worker is not None:

@@ -40,7 +40,7 @@ class Job:
 
 def find_jobs(inputs: list[str]) -> list[Job]:
     """Images and slides in the files and folders given (folders searched recursively), each once."""
-    from .slide import SLIDE_SUFFIXES
+    from .slideio import SLIDE_SUFFIXES
 
     suffixes = IMAGE_SUFFIXES + SLIDE_SUFFIXES
     jobs, seen = [], set()
@@ -144,7 +144,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
                          "into different --out folders")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from .slide import is_slide
+    from .slideio import is_slide
 
     model, info = cached_model(model_path, device)  # a wrong model stops here, before any work
     slide_jobs = [job for job in jobs if is_slide(job.path)]

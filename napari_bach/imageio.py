@@ -15,6 +15,7 @@ from .config import BACH_CLASSES
 from .pixelsize import PixelSize, resolve_mpp, tiff_tag_mpp
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+BACKGROUND_LEVEL = 220  # pixels brighter than this in every channel count as glass
 _BACH_PREFIX = {"n": "Normal", "b": "Benign", "is": "InSitu", "iv": "Invasive"}
 _BACH_NAME = re.compile(r"^(iv|is|n|b)\d+$", re.IGNORECASE)
 

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from .detections import Detections
+from .imageio import BACKGROUND_LEVEL
 from .model import BachMaskRCNN
 from .paste import mask_crops
 from .pixelsize import PixelSize
 from .tiling import Tile, tile_grid
 
-BACKGROUND_LEVEL = 220  # pixels brighter than this in every channel count as glass
 MIN_TISSUE_PIXELS = 16  # a tile with fewer non-glass pixels holds no nucleus
 
 T = TypeVar("T")

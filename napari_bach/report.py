@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .predict import BACKGROUND_LEVEL
+from .imageio import BACKGROUND_LEVEL
 
 
 def report_numbers(rgb: np.ndarray, table: dict, mpp: float | None, tissue_probs: dict | None) -> dict:

@@ -12,7 +12,8 @@ import zarr
 from conftest import OracleModel, image_with_squares, tiny_config
 from napari_bach.config import Thresholds
 from napari_bach.predict import drain, predict
-from napari_bach.slide import is_finished, is_slide, iter_segment_slide, open_slide
+from napari_bach.slide import is_finished, iter_segment_slide
+from napari_bach.slideio import is_slide, open_slide
 
 MPP = 0.4
 

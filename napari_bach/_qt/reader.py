@@ -15,7 +15,7 @@ def image_layer_kwargs(name: str, mpp: float | None, metadata: dict) -> dict:
 
 
 def napari_get_reader(path):
-    from ..slide import SLIDE_SUFFIXES, is_slide
+    from ..slideio import SLIDE_SUFFIXES, is_slide
 
     if isinstance(path, list):
         if len(path) != 1:
@@ -33,7 +33,7 @@ def read_slide(path) -> list[tuple]:
     scaled in µm; nothing is read until napari shows it."""
     from napari.utils.notifications import show_error, show_info
 
-    from ..slide import SlideReadError, open_slide
+    from ..slideio import SlideReadError, open_slide
 
     path = path[0] if isinstance(path, list) else path
     try:

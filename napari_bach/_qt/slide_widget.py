@@ -15,7 +15,8 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, 
 from ..checkpoint import cached_model
 from ..pixelsize import PixelSize
 from ..predict import available_devices
-from ..slide import SlideResult, iter_segment_slide, open_slide
+from ..slide import SlideResult, iter_segment_slide
+from ..slideio import open_slide
 from .common import BackgroundTask, ModelPicker, RegionPicker, layer_pixel_size, row, wrap
 from .layers import ROLE_KEY
 

@@ -17,8 +17,10 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
 
 
 def synthetic_he(shape: tuple[int, int] = (768, 1024), mpp: float = 0.42, seed: int = 0,
-                 nuclei_per_mm2: float = 4000.0) -> tuple[np.ndarray, np.ndarray]:
-    """An RGB uint8 H&E-like image and its int32 nucleus instance labels."""
+                 nuclei_per_mm2: float = 4000.0, nucleus_um: tuple[float, float] = (2.5, 5.5),
+                 roundness: tuple[float, float] = (0.6, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB uint8 H&E-like image and its int32 nucleus instance labels; density, semi-axis
+    range (µm) and roundness (minor/major) of the nuclei are parameters."""
     rng = np.random.default_rng(seed)
     h, w = shape
     area_mm2 = h * w * (mpp / 1000.0) ** 2
@@ -36,8 +38,8 @@ def synthetic_he(shape: tuple[int, int] = (768, 1024), mpp: float = 0.42, seed: 
         iy, ix = min(int(cy), h - 1), min(int(cx), w - 1)
         if lumen[iy, ix] or rng.random() < 0.5 * (stroma[iy, ix] > 0):
             continue
-        a_um = rng.uniform(2.5, 5.5)
-        b_um = a_um * rng.uniform(0.6, 1.0)
+        a_um = rng.uniform(*nucleus_um)
+        b_um = a_um * rng.uniform(*roundness)
         rr, cc = ellipse(cy, cx, a_um / mpp, b_um / mpp, shape, rotation=rng.uniform(0, np.pi))
         if rr.size < 4 or (labels[rr, cc] > 0).mean() > 0.1:
             continue
@@ -56,6 +58,16 @@ def synthetic_he(shape: tuple[int, int] = (768, 1024), mpp: float = 0.42, seed: 
     hed = np.stack([hema * 0.1, eosin * 0.055, np.zeros(shape)], axis=-1)
     rgb = hed2rgb(hed) + rng.normal(0, 0.015, (*shape, 3))
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), labels
+
+
+# BACH-like classes differ in nuclear density, size and pleomorphism (for tests of the
+# tissue head; no claim about real BACH images).
+TISSUE_LIKE = {
+    "Normal": dict(nuclei_per_mm2=1500, nucleus_um=(2.5, 3.5), roundness=(0.8, 1.0)),
+    "Benign": dict(nuclei_per_mm2=4000, nucleus_um=(2.5, 3.5), roundness=(0.8, 1.0)),
+    "InSitu": dict(nuclei_per_mm2=7000, nucleus_um=(3.5, 5.0), roundness=(0.7, 1.0)),
+    "Invasive": dict(nuclei_per_mm2=6000, nucleus_um=(4.0, 8.0), roundness=(0.4, 1.0)),
+}
 
 
 def write_synthetic_slide(path, shape: tuple[int, int], mpp: float = 0.25, seed: int = 0, tile: int = 512,

@@ -37,9 +37,9 @@ def _load_nuclei(args) -> tuple[list, list, list[str]]:
     return train + rough, val, notes
 
 
-def cmd_train(args) -> int:
-    from .train import TrainConfig, Trainer
-    from .datasets import load_bach, stratified_split
+def _configs(args):
+    """Model and training configuration from the train/cv arguments."""
+    from .train import TrainConfig
 
     overrides = {}
     if args.mpp:
@@ -54,6 +54,14 @@ def cmd_train(args) -> int:
                       workers=args.workers, accumulate=args.accumulate, lr_scaling=args.lr_scaling,
                       amp=not args.no_amp, ema=args.ema)
     cfg.augment.crop = args.crop
+    return model_cfg, cfg
+
+
+def cmd_train(args) -> int:
+    from .datasets import load_bach, stratified_split
+    from .train import Trainer
+
+    model_cfg, cfg = _configs(args)
     train, val, notes = _load_nuclei(args)
     tissue = []
     if args.bach:
@@ -75,6 +83,24 @@ def cmd_train(args) -> int:
           f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps", file=sys.stderr)
     result = trainer.run(progress=not args.no_progress)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    return 0
+
+
+def cmd_cv(args) -> int:
+    """k-fold cross-validation of the tissue head on BACH-style folders."""
+    from .crossval import tissue_cross_validation
+    from .datasets import load_bach
+
+    if not args.bach or not args.folds:
+        print("cv needs --bach and --folds k", file=sys.stderr)
+        return 2
+    model_cfg, cfg = _configs(args)
+    result = tissue_cross_validation(load_bach(args.bach), args.folds, model_cfg, cfg, args.seed,
+                                     log=lambda m: print(m, file=sys.stderr))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "cv.json").write_text(json.dumps(result, indent=1))
+    print(f"tissue accuracy {result['accuracy_mean']:.3f} ± {result['accuracy_sd']:.3f} over {args.folds} folds; "
+          f"macro ROC-AUC {result['pooled']['macro']['roc_auc']:.3f}; confusion {result['pooled']['confusion']}")
     return 0
 
 
@@ -135,34 +161,40 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--val-organ", default=None, choices=sorted(set(MONUSEG_ORGANS.values())),
                        help="validate on every image of this organ (MoNuSeg TCGA site codes) and train on none")
 
+    def train_args(t):
+        data_args(t)
+        t.add_argument("--out", default="runs/default", help="run folder: log.csv, val.jsonl, last.pt, best.pt")
+        t.add_argument("--backbone", choices=BACKBONES, default="resnet18")
+        t.add_argument("--pretrained", choices=["imagenet", "coco"], default=None, help="needs internet once")
+        t.add_argument("--mpp", type=float, default=None, help="working µm/px (default 0.4)")
+        t.add_argument("--epochs", type=int, default=50)
+        t.add_argument("--max-steps", type=int, default=0)
+        t.add_argument("--batch-size", type=int, default=2)
+        t.add_argument("--crop", type=int, default=384)
+        t.add_argument("--crops-per-image", type=int, default=4)
+        t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+        t.add_argument("--lr", type=float, default=1e-3, help="for a batch of 2; scaled to the global batch (--lr-scaling)")
+        t.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default="sqrt",
+                       help="lr × (global batch / 2), or its square root (Adam's usual rule)")
+        t.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+        t.add_argument("--workers", type=int, default=0, help="data-loader worker processes (augmentation in parallel)")
+        t.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too (default: bf16 autocast)")
+        t.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (e.g. 0.999; 0: off)")
+        t.add_argument("--val-every", type=int, default=5, help="epochs between validations")
+        t.add_argument("--patience", type=int, default=6, help="validations without improvement")
+        t.add_argument("--checkpoint-every", type=int, default=200, help="steps")
+        t.add_argument("--device", default="cpu", help="cpu, cuda or mps (under torchrun: each rank its own GPU)")
+        t.add_argument("--threads", type=int, default=0)
+        t.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint (default OUT/last.pt)")
+        t.add_argument("--license", default="", help="license of the training data, recorded in the checkpoint")
+        t.add_argument("--no-progress", action="store_true")
+
     t = sub.add_parser("train", help="train a model")
-    data_args(t)
-    t.add_argument("--out", default="runs/default", help="run folder: log.csv, val.jsonl, last.pt, best.pt")
-    t.add_argument("--backbone", choices=BACKBONES, default="resnet18")
-    t.add_argument("--pretrained", choices=["imagenet", "coco"], default=None, help="needs internet once")
-    t.add_argument("--mpp", type=float, default=None, help="working µm/px (default 0.4)")
-    t.add_argument("--epochs", type=int, default=50)
-    t.add_argument("--max-steps", type=int, default=0)
-    t.add_argument("--batch-size", type=int, default=2)
-    t.add_argument("--crop", type=int, default=384)
-    t.add_argument("--crops-per-image", type=int, default=4)
-    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    t.add_argument("--lr", type=float, default=1e-3, help="for a batch of 2; scaled to the global batch (--lr-scaling)")
-    t.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default="sqrt",
-                   help="lr × (global batch / 2), or its square root (Adam's usual rule)")
-    t.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--workers", type=int, default=0, help="data-loader worker processes (augmentation in parallel)")
-    t.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too (default: bf16 autocast)")
-    t.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (e.g. 0.999; 0: off)")
-    t.add_argument("--val-every", type=int, default=5, help="epochs between validations")
-    t.add_argument("--patience", type=int, default=6, help="validations without improvement")
-    t.add_argument("--checkpoint-every", type=int, default=200, help="steps")
-    t.add_argument("--device", default="cpu", help="cpu, cuda or mps (under torchrun: each rank its own GPU)")
-    t.add_argument("--threads", type=int, default=0)
-    t.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint (default OUT/last.pt)")
-    t.add_argument("--license", default="", help="license of the training data, recorded in the checkpoint")
-    t.add_argument("--no-progress", action="store_true")
+    train_args(t)
     t.set_defaults(func=cmd_train)
+    c = sub.add_parser("cv", help="k-fold cross-validation of the tissue head (--bach, --folds k)")
+    train_args(c)
+    c.set_defaults(func=cmd_cv)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out data")
     data_args(e)

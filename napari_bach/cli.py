@@ -122,7 +122,7 @@ def segment_slides(jobs: list[Job], out: Path, model_path, mpp, thresholds, devi
 def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = DEFAULT_MODEL,
                   mpp: float | None = None, thresholds: Thresholds = Thresholds(), device: str = "cpu",
                   log: Callable[[str], None] = print, progress: bool = False,
-                  slides: SlideOptions = SlideOptions()) -> tuple[Path, int]:
+                  slides: SlideOptions = SlideOptions(), tta: bool = False) -> tuple[Path, int]:
     """Segment every image and slide; write ``<stem>_labels.tif`` and ``<stem>_nuclei.csv``
     (slides: ``_labels.zarr``, ``_nuclei.csv``, ``_nuclei.geojson``) beside the input's
     relative path under ``out``, and ``summary.csv``. ``mpp`` is used for files that do not
@@ -178,7 +178,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
             bar.n = step.done
             bar.refresh()
 
-        det = predict(data.rgb, model, pixel_size, tissue_trained=info.tissue_trained, progress=tick)
+        det = predict(data.rgb, model, pixel_size, tissue_trained=info.tissue_trained, progress=tick, tta=tta)
         tiles.close()
         seg = det.refilter(limits.score, limits.nms_iou).consecutive()
         table = measure_nuclei(seg, hematoxylin(data.rgb))
@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nms-iou", type=_iou, default=None,
                    help="overlap above which the weaker of two nuclei is dropped (default: the model's own)")
     s.add_argument("--device", type=_device, default="cpu", help="cpu, or cuda/mps where present (default: %(default)s)")
+    s.add_argument("--tta", action="store_true", help="flip test-time augmentation: 4 passes per tile (images)")
     w = s.add_argument_group("whole slides (.svs, .ndpi, .scn, pyramidal or very large TIFF)")
     w.add_argument("--roi", type=_roi, default=None, metavar="X0,Y0,X1,Y1",
                    help="segment only this box of each slide (level-0 pixels; default: all tissue)")
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         slides = SlideOptions(args.roi, args.block_size, args.workers, args.dask_scheduler)
         _, failed = segment_files(args.inputs, args.out, args.model, args.mpp,
                                   Thresholds(args.score_threshold, args.nms_iou), args.device,
-                                  log=lambda m: print(m, file=sys.stderr), progress=sys.stderr.isatty(), slides=slides)
+                                  log=lambda m: print(m, file=sys.stderr), progress=sys.stderr.isatty(), slides=slides,
+                                  tta=args.tta)
     except (CheckpointError, OutputClash) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

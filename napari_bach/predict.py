@@ -157,12 +157,52 @@ def run_tiled(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | floa
     return geometry, outputs
 
 
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both
+
+
+def _unflip(out: dict, dims: tuple[int, ...], h: int, w: int) -> dict:
+    """A flipped tile's detections in the unflipped tile's coordinates."""
+    boxes = out["boxes"].clone()
+    if -1 in dims:
+        boxes[:, [0, 2]] = w - out["boxes"][:, [2, 0]]
+    if -2 in dims:
+        boxes[:, [1, 3]] = h - out["boxes"][:, [3, 1]]
+    return {**out, "boxes": boxes, "masks": out["masks"].flip(dims) if dims else out["masks"]}
+
+
+def flip_tta(model: BachMaskRCNN) -> Callable[[list[torch.Tensor]], list[dict]]:
+    """Test-time augmentation: each tile also runs flipped three ways; the candidates of the
+    four views are pooled and duplicates removed by the model's own candidate NMS (the
+    best-scoring view of each nucleus is kept); tissue logits are averaged."""
+    from torchvision.ops import nms
+
+    cfg = model.config
+
+    def step(crops: list[torch.Tensor]) -> list[dict]:
+        outs = model([c.flip(dims) if dims else c for c in crops for dims in FLIPS])
+        merged = []
+        for i, crop in enumerate(crops):
+            h, w = crop.shape[-2:]
+            views = [_unflip(outs[i * len(FLIPS) + k], dims, h, w) for k, dims in enumerate(FLIPS)]
+            boxes = torch.cat([v["boxes"] for v in views]).float()
+            scores = torch.cat([v["scores"] for v in views]).float()
+            keep = nms(boxes, scores, cfg.candidate_nms)[: cfg.max_candidates_per_tile]
+            merged.append({"boxes": boxes[keep], "scores": scores[keep],
+                           "masks": torch.cat([v["masks"] for v in views])[keep],
+                           "tissue_logits": torch.stack([v["tissue_logits"].float() for v in views]).mean(0)})
+        return merged
+
+    return step
+
+
 def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None = None,
-                 tissue_trained: bool = True, batch_size: int | None = None) -> Generator[Progress, None, Detections]:
-    """Segment a whole RGB image tile by tile; yields progress, returns all candidates."""
+                 tissue_trained: bool = True, batch_size: int | None = None,
+                 tta: bool = False) -> Generator[Progress, None, Detections]:
+    """Segment a whole RGB image tile by tile; yields progress, returns all candidates.
+    ``tta``: flip test-time augmentation (4 network passes per tile, see :func:`flip_tta`)."""
     cfg = model.config
     pixel_size = as_pixel_size(pixel_size)
-    geometry, outputs = yield from run_tiled(rgb, model, pixel_size, model, batch_size)
+    geometry, outputs = yield from run_tiled(rgb, model, pixel_size, flip_tta(model) if tta else model, batch_size)
     orig_shape = geometry.image_shape
     limit = torch.tensor([orig_shape[1], orig_shape[0]] * 2, dtype=torch.float32)
     parts, tissue_logits, weights = [], [], []
@@ -184,6 +224,6 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
 
 def predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None = None,
             tissue_trained: bool = True, progress: Callable[[Progress], None] | None = None,
-            batch_size: int | None = None) -> Detections:
+            batch_size: int | None = None, tta: bool = False) -> Detections:
     """Run :func:`iter_predict` to the end, reporting progress to an optional callback."""
-    return drain(iter_predict(rgb, model, pixel_size, tissue_trained, batch_size), progress)
+    return drain(iter_predict(rgb, model, pixel_size, tissue_trained, batch_size, tta), progress)

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--log", default=None, help="training log.csv to plot loss curves from")
     e.add_argument("--score-threshold", type=float, default=None, help="default: the model's own")
     e.add_argument("--nms-iou", type=float, default=None, help="default: the model's own")
+    e.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes per tile)")
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("ship", help="write a run's checkpoint as a small fp16 model file with its measured metrics")

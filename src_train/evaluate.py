@@ -18,27 +18,30 @@ from .metrics import nucleus_metrics, pooled_nucleus_metrics, roc_curve, tissue_
 SCORE_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def score_nuclei(model, samples: list[Sample], score_thresholds, nms_iou: float) -> dict[float, list[dict]]:
+def score_nuclei(model, samples: list[Sample], score_thresholds, nms_iou: float,
+                 tta: bool = False) -> dict[float, list[dict]]:
     """Per-image nucleus metrics at each score threshold; the network runs once per image
     and the thresholds only re-filter its cached candidates."""
     out = {t: [] for t in score_thresholds}
     for s in samples:
-        det = predict(s.image, model, s.mpp, tissue_trained=False)
+        det = predict(s.image, model, s.mpp, tissue_trained=False, tta=tta)
         for t in score_thresholds:
             out[t].append(nucleus_metrics(s.labels, det.refilter(t, nms_iou).labels))
     return out
 
 
 def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),
-             score_threshold: float | None = None, nms_iou: float | None = None) -> dict:
-    """Metrics of one model; nucleus images are segmented whole, at their own µm/px."""
+             score_threshold: float | None = None, nms_iou: float | None = None, tta: bool = False) -> dict:
+    """Metrics of one model; nucleus images are segmented whole, at their own µm/px
+    (``tta``: with flip test-time augmentation)."""
     model, info = load_checkpoint(model_path)
     cfg = model.config
     score = cfg.default_score_threshold if score_threshold is None else score_threshold
     nms = cfg.default_nms_iou if nms_iou is None else nms_iou
-    result = {"model": str(model_path), "model_status": info.status, "score_threshold": score, "nms_iou": nms}
+    result = {"model": str(model_path), "model_status": info.status, "score_threshold": score, "nms_iou": nms,
+              "tta": tta}
     if nuclei:
-        by_threshold = score_nuclei(model, nuclei, sorted({score, *SCORE_SWEEP}), nms)
+        by_threshold = score_nuclei(model, nuclei, sorted({score, *SCORE_SWEEP}), nms, tta)
         result["nuclei"] = pooled_nucleus_metrics(by_threshold[score])
         result["nuclei_per_image"] = [{"image": s.name, **m} for s, m in zip(nuclei, by_threshold[score])]
         result["score_sweep"] = [{"score_threshold": t, **pooled_nucleus_metrics(by_threshold[t])} for t in SCORE_SWEEP]
@@ -109,7 +112,7 @@ def save_plots(result: dict, out: Path, log_csv: Path | None = None) -> list[Pat
 
 
 def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
-    result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou)
+    result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou, args.tta)
     summary = {k: v for k, v in result.items() if k != "nuclei_per_image"}
     if isinstance(summary.get("tissue"), dict):
         summary["tissue"] = {k: v for k, v in summary["tissue"].items() if k not in ("probs", "truth")}

@@ -153,9 +153,9 @@ def find_result_layer(viewer, role: dict):
     return None
 
 
-def row(*widgets) -> Container:
+def row(*widgets, label: str = "") -> Container:
     """Widgets side by side in one form row: keeps two docks within a 1000 px screen."""
-    box = Container(layout="horizontal", labels=False, widgets=widgets)
+    box = Container(layout="horizontal", labels=False, widgets=widgets, label=label)
     box.margins = (0, 0, 0, 0)
     return box
 

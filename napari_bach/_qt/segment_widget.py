@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FloatSlider, FloatSpinBox, Label, ProgressBar, PushButton, create_widget
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSlider, FloatSpinBox, Label, ProgressBar, PushButton, create_widget
 
 from ..checkpoint import DEFAULT_MODEL, CheckpointError, ModelInfo, cached_model, read_config
 from ..config import ModelConfig, Thresholds
@@ -28,10 +28,10 @@ if TYPE_CHECKING:
 MEASURE_DELAY_MS = 300  # the full table waits until the slider rests
 
 
-def _segment(rgb: np.ndarray, model_path: Path, device: str, pixel_size: PixelSize):
+def _segment(rgb: np.ndarray, model_path: Path, device: str, pixel_size: PixelSize, tta: bool):
     yield "loading model"
     model, info = cached_model(model_path, device)
-    det = yield from iter_predict(rgb, model, pixel_size, tissue_trained=info.tissue_trained)
+    det = yield from iter_predict(rgb, model, pixel_size, tissue_trained=info.tissue_trained, tta=tta)
     yield "measuring"
     return det, info, hematoxylin(rgb), model.config.mpp
 
@@ -62,6 +62,7 @@ class SegmentWidget(Container):
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
         self.model = ModelPicker()
         self._device = ComboBox(label="Device", choices=available_devices(), value="cpu")
+        self._tta = CheckBox(text="flip TTA (4× slower)", value=False)
         # 0 shows as "unknown": sizes then stay in pixels rather than use a guessed µm/px.
         self._mpp = FloatSpinBox(label="µm/px", min=0.0, max=100.0, step=0.0001, value=0.0)
         self._mpp.native.setDecimals(4)
@@ -77,7 +78,7 @@ class SegmentWidget(Container):
         self.task = BackgroundTask(self._progress, self._status, [self._run], self._cancel)
         self.result: Result | None = None
         self._layer_pixel_size = PixelSize(None)
-        self.extend([self._image, *self.model.widgets, self._device, self._mpp, self._score, self._nms,
+        self.extend([self._image, *self.model.widgets, row(self._device, self._tta, label="Device"), self._mpp, self._score, self._nms,
                      row(self._run, self._cancel), self._progress, self._status, self._tissue])
         for label in (self._status, self._tissue):
             wrap(label)
@@ -160,7 +161,7 @@ class SegmentWidget(Container):
             return
         source, placement = layer.name, {"scale": tuple(layer.scale[-2:]), "units": tuple(layer.units[-2:])}
         known = layer_tissue_class(layer)
-        self.task.start(_segment, rgb, path, self._device.value, self.pixel_size(),
+        self.task.start(_segment, rgb, path, self._device.value, self.pixel_size(), bool(self._tta.value),
                         done=lambda out: self._on_done(out, layer, source, placement, known))
 
     def cancel(self) -> None:

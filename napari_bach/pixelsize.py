@@ -14,7 +14,7 @@ from pathlib import Path
 BACH_MPP = 0.42  # the BACH challenge's stated scan resolution
 MPP_RANGE = (0.01, 100.0)  # plausible µm/px; outside is a typo or a screen dpi
 
-EXPLICIT, FILE_TAGS, BACH_NAME, FALLBACK, UNKNOWN = "given", "file tags", "BACH file name", "default", "unknown"
+EXPLICIT, FILE_TAGS, BACH_NAME, FALLBACK, UNKNOWN = "given", "file tags", "BACH file name", "given for untagged files", "unknown"
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def test_pixel_size_per_image_tags_first_and_labels_carry_it(tmp_path, tiny_chec
     with open(out / "summary.csv") as fh:
         rows = {r["image"].rsplit("/", 1)[-1]: r for r in csv.DictReader(fh)}
     assert (rows["tagged.tif"]["mpp"], rows["tagged.tif"]["mpp_source"]) == ("0.25", "file tags")
-    assert (rows["gray.png"]["mpp"], rows["gray.png"]["mpp_source"]) == ("0.5", "default")
+    assert (rows["gray.png"]["mpp"], rows["gray.png"]["mpp_source"]) == ("0.5", "given for untagged files")
     assert file_mpp(out / "tagged_labels.tif") == pytest.approx(0.25)
     assert file_mpp(out / "gray_labels.tif") == pytest.approx(0.5)
 

@@ -105,6 +105,22 @@ class Edits:
             self.drawn[i] = (int(y.min()), int(x.min()), crop, score)
         return len(ids)
 
+    def carried_to(self, old_boxes: np.ndarray, new_boxes: np.ndarray, first_free: int, iou: float = 0.5) -> "Edits":
+        """These edits for a new run's candidates: drawn nuclei as drawn, and every new
+        candidate that overlaps a nucleus the user deleted (box IoU > ``iou``) deleted again."""
+        import torch
+        from torchvision.ops import box_iou
+
+        carried = Edits(first_free)
+        for y0, x0, crop, score in self.drawn.values():
+            carried.drawn[first_free + len(carried.drawn)] = (y0, x0, crop, score)
+        deleted = np.array(sorted(self.removed - set(self.drawn)), np.int64)
+        if deleted.size and len(new_boxes):
+            overlap = box_iou(torch.as_tensor(new_boxes, dtype=torch.float32),
+                              torch.as_tensor(old_boxes[deleted - 1], dtype=torch.float32))
+            carried.removed = set((np.flatnonzero((overlap > iou).any(1).numpy()) + 1).tolist())
+        return carried
+
     def paste_onto(self, labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray):
         """Paste drawn nuclei over the model's (the user wins contested pixels); returns
         ids, boxes and scores with the drawn nuclei appended."""

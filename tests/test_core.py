@@ -191,3 +191,17 @@ def test_measurement_memory_does_not_grow_with_image_size():
     assert hema_big < 1.2 * hema_small + 1e6, peaks  # 4× the pixels, the same temporaries
     assert table_big < 1.2 * table_small + 1e6, peaks
     assert table_big < 0.5 * 6000 * 1000 * 4, peaks  # well under the label image itself
+
+
+def test_edits_carry_over_to_a_new_run():
+    """A re-run (new candidates) keeps what was drawn and deletes again what matches a
+    deleted nucleus, by box overlap."""
+    from napari_bach.edit import Edits
+
+    old = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], np.float32)
+    edits = Edits(first_free=4, removed={1, 3}, drawn={3: (40, 40, np.ones((5, 5), bool), 0.7),
+                                                      5: (0, 30, np.ones((3, 3), bool), np.nan)})
+    new = np.array([[21, 21, 30, 30], [1, 0, 11, 10], [60, 60, 70, 70]], np.float32)
+    carried = edits.carried_to(old, new, first_free=4)
+    assert carried.removed == {2}  # new candidate 2 overlaps deleted nucleus 1; 3 was redrawn, not deleted
+    assert sorted(carried.drawn) == [4, 5] and carried.drawn[4][3] == pytest.approx(0.7)

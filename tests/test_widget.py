@@ -195,8 +195,11 @@ def test_edits_survive_the_sliders(viewer, qtbot, tiny_checkpoint):
     table = viewer.layers["he nuclei"].features
     assert new in set(table["index"]) and np.isnan(table.set_index("index").loc[new, "score"])
     assert "with your edits" in w._status.value
-    _run_and_wait(qtbot, w)  # a re-run keeps what was drawn by hand
-    assert (viewer.layers["he nuclei"].data[2:12, 2:12] > 0).all() and "drew by hand" in w._status.value
+    _run_and_wait(qtbot, w)  # a re-run keeps what was drawn and deleted by hand
+    again = np.array(viewer.layers["he nuclei"].data)
+    assert (again[2:12, 2:12] > 0).all() and "edits of the last run were kept" in w._status.value
+    # the same model finds the same candidates (same ids) again: the deleted ones stay deleted
+    assert not set(ids) & set(np.unique(again).tolist())
 
 
 def test_image_opened_by_another_reader_keeps_its_scale_and_class(viewer, tmp_path):

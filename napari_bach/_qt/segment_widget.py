@@ -170,9 +170,9 @@ class SegmentWidget(Container):
     def _on_done(self, out, layer, source: str, placement: dict, known: str | None) -> None:
         det, info, hema, model_mpp = out
         edits = Edits(first_free=len(det) + 1)
-        kept = 0
         if self.result is not None and self.result.source == source:
-            kept = self._carry_drawn_nuclei(edits)
+            self._absorb_edits()  # a re-run keeps what was drawn and deleted by hand
+            edits = self.result.edits.carried_to(self.result.det.boxes, det.boxes, len(det) + 1)
         ps = det.pixel_size
         if ps.known and not np.allclose(layer.scale[-2:], ps.mpp):  # the image and its results in µm
             layer.scale = (*layer.scale[:-2], ps.mpp, ps.mpp)
@@ -183,20 +183,12 @@ class SegmentWidget(Container):
         self._tissue.value = tissue_text(det.tissue_probs, det.classes, known)
         self.refilter()
         self.measure()
-        self._status.value = self._count_text() + (f"\nkept {kept} nuclei you drew by hand" if kept else "")
+        self._status.value = self._count_text() + ("\nyour edits of the last run were kept" if edits else "")
         if not info.nuclei_trained:
             from napari.utils.notifications import show_info
 
             show_info("napari-bach: this model is UNTRAINED; its masks are meaningless.")
         self._viewer.scale_bar.visible = True
-
-    def _carry_drawn_nuclei(self, edits: Edits) -> int:
-        """A re-run keeps the nuclei drawn or redrawn by hand on the last result."""
-        old = self.result
-        self._absorb_edits()
-        for y0, x0, crop, _ in old.edits.drawn.values():
-            edits.drawn[edits.first_free + len(edits.drawn)] = (y0, x0, crop, np.nan)
-        return len(edits.drawn)
 
     # -- results --------------------------------------------------------------------------
     def _labels_layer(self):

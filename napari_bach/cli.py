@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -101,7 +102,7 @@ def segment_slides(jobs: list[Job], out: Path, model_path, mpp, thresholds, devi
     from dask.distributed import Client, LocalCluster, as_completed
 
     cluster = None if options.scheduler else LocalCluster(n_workers=options.workers, threads_per_worker=1)
-    with Client(options.scheduler or cluster) as client:
+    with cluster or nullcontext(), Client(options.scheduler or cluster) as client:
         where = options.scheduler or f"a local cluster of {options.workers} workers"
         log(f"dask: {len(jobs)} slides on {where}")
         futures = {client.submit(segment_slide_file, *args(job), pure=False): job for job in jobs}
@@ -114,8 +115,6 @@ def segment_slides(jobs: list[Job], out: Path, model_path, mpp, thresholds, devi
                 rows.append({"image": str(job.path), "error": f"{exc.__class__.__name__}: {exc}"})
                 log(f"{job.path.name}: failed: {exc}")
                 failed += 1
-    if cluster is not None:
-        cluster.close()
     return rows, failed
 
 
@@ -135,6 +134,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     from .measure import hematoxylin, measure_nuclei
     from .predict import predict
     from .report import write_nuclei_csv
+    from .slideio import is_slide
 
     jobs = find_jobs(inputs)
     clashes = output_collisions(jobs)
@@ -142,18 +142,16 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         names = "; ".join(" and ".join(map(str, group)) for group in clashes)
         raise OutputClash(f"these inputs would write the same output files: {names}. Rename one, or segment them "
                          "into different --out folders")
+    model, info = cached_model(model_path, device)  # a wrong model stops here, before anything is written
+    cfg = model.config
+    limits = thresholds.resolve(cfg)
+    log(f"model: {info.status}; score ≥ {limits.score:g}, NMS IoU {limits.nms_iou:g}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from .slideio import is_slide
-
-    model, info = cached_model(model_path, device)  # a wrong model stops here, before any work
     slide_jobs = [job for job in jobs if is_slide(job.path)]
     jobs = [job for job in jobs if job not in slide_jobs]
     slide_rows, slide_failed = (segment_slides(slide_jobs, out, model_path, mpp, thresholds, device, slides, log)
                                 if slide_jobs else ([], 0))
-    cfg = model.config
-    limits = thresholds.resolve(cfg)
-    log(f"model: {info.status}; score ≥ {limits.score:g}, NMS IoU {limits.nms_iou:g}")
     classes = list(cfg.tissue_classes)
     rows, failed = [], 0
     images = tqdm(jobs, desc="images", unit="image", disable=not progress, position=0)

@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, Select, SpinBox, create_widget
+from magicgui.widgets import Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, Select, SpinBox, create_widget
 
 from ..anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, iter_anchors_in_region, iter_proposals, make_generator
 from ..checkpoint import cached_model
 from ..edit import segmentation_from_labels
-from ..predict import available_devices
-from .common import EXPECTED_ERRORS, BackgroundTask, ModelPicker, RegionPicker, layer_pixel_size, layer_rgb, row, wrap
+from .common import (EXPECTED_ERRORS, BackgroundTask, ModelPicker, RegionPicker, image_and_placement, layer_pixel_size,
+                     layer_rgb, row, wrap)
 from .layers import box_corners
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ class AnchorWidget(Container):
         self._viewer = viewer
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
         self.model = ModelPicker()
-        self._device = ComboBox(label="Device", choices=available_devices(), value="cpu")
         self._levels = Select(label="FPN levels", choices=LEVELS, value=["P2", "P3"])
         self._sizes = LineEdit(label="Anchor sizes", value="")
         self._sizes.native.setPlaceholderText("model's own, e.g. 8,11 16,23 32,45 64,91 128,181")
@@ -71,7 +70,7 @@ class AnchorWidget(Container):
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self._status = Label(label="Status", value="")
         wrap(self._status)
-        self.extend([self._image, *self.model.widgets, self._device, self._levels, self._sizes, self._ratios, self._region,
+        self.extend([self._image, *self.model.widgets, self._levels, self._sizes, self._ratios, self._region,
                      self._region_layer, self._nuclei, self._fg, self._bg, self._cap, self._show_anchors, self._k,
                      self._nms, row(self._show_proposals, self._cancel), self._progress, self._status])
         self.task = BackgroundTask(self._progress, self._status, [self._show_anchors, self._show_proposals],
@@ -95,13 +94,12 @@ class AnchorWidget(Container):
 
     def _factor_and_model(self, layer):
         """The model (cached) and image-to-model scale; unknown µm/px runs at the model's own."""
-        model, _ = cached_model(self.model.path(), "cpu")  # anchors are geometry: no device needed
+        model, _ = self.model.load("cpu")  # anchors are geometry: no device needed
         return model, (layer_pixel_size(layer).mpp or model.config.mpp) / model.config.mpp
 
     def show_anchors(self) -> None:
-        layer = self._image.value
+        layer, placement = image_and_placement(self)
         if layer is None:
-            self._status.value = "Open an image first."
             return
         try:
             model, factor = self._factor_and_model(layer)
@@ -115,7 +113,6 @@ class AnchorWidget(Container):
         levels = [LEVELS.index(v) for v in self._levels.value] or [0]
         nuclei = self._nuclei.value
         gt = segmentation_from_labels(np.asarray(nuclei.data)).boxes if nuclei is not None else None
-        placement = {"scale": layer.scale[-2:], "units": layer.units[-2:]}
         self.task.start(_anchors, generator, layer.data.shape[:2], factor, regions, levels, gt, float(self._fg.value),
                         float(self._bg.value), int(self._cap.value),
                         done=lambda out: self._on_anchors(out, placement, nuclei is not None))
@@ -145,18 +142,16 @@ class AnchorWidget(Container):
         self._status.value = text
 
     def show_proposals(self) -> None:
-        layer = self._image.value
+        layer, placement = image_and_placement(self)
         if layer is None:
-            self._status.value = "Open an image first."
             return
         try:
             region = self._regions(layer)[0]
             rgb = layer_rgb(layer)
-        except ValueError as exc:
+        except EXPECTED_ERRORS as exc:
             self.task.fail(exc)
             return
-        placement = {"scale": layer.scale[-2:], "units": layer.units[-2:]}
-        self.task.start(_proposals, rgb, self.model.path(), self._device.value, layer_pixel_size(layer).mpp, region,
+        self.task.start(_proposals, rgb, self.model.path(), self.model.device.value, layer_pixel_size(layer).mpp, region,
                         int(self._k.value), float(self._nms.value), done=lambda out: self._on_proposals(out, placement))
 
     def _on_proposals(self, out, placement: dict) -> None:

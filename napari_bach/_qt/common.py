@@ -17,9 +17,10 @@ from magicgui.widgets import (
     create_widget,
 )
 
-from ..checkpoint import DEFAULT_MODEL, CheckpointError
+from ..checkpoint import DEFAULT_MODEL, CheckpointError, cached_model
 from ..imageio import ImageReadError, bach_class_from_path, to_rgb_uint8
 from ..pixelsize import FILE_TAGS, UNKNOWN, PixelSize, file_mpp, resolve_mpp
+from ..predict import available_devices
 from .layers import ROLE_KEY
 
 DEFAULT_CHOICE = "Default (shipped)"
@@ -28,13 +29,15 @@ EXPECTED_ERRORS = (CheckpointError, ImageReadError, ValueError, OSError)  # the 
 
 
 class ModelPicker:
-    """The shipped default model or a checkpoint file. Its two rows go straight into the
-    widget's own form, so their labels line up with every other row."""
+    """The shipped default model or a checkpoint file, and the device to run it on. Its rows
+    go straight into the widget's own form, so their labels line up with every other row."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.choice = ComboBox(label="Model", choices=[DEFAULT_CHOICE, FILE_CHOICE], value=DEFAULT_CHOICE)
         self.file = FileEdit(label="Checkpoint", filter="*.pt", visible=False)
-        self.widgets = [self.choice, self.file]
+        devices = available_devices()
+        self.device = ComboBox(label="Device", choices=devices, value=device if device in devices else "cpu")
+        self.widgets = [self.choice, self.file, self.device]
         self.choice.changed.connect(lambda v: setattr(self.file, "visible", v == FILE_CHOICE))
 
     def on_change(self, callback: Callable[..., None]) -> None:
@@ -47,6 +50,10 @@ class ModelPicker:
 
     def path(self) -> Path:
         return DEFAULT_MODEL if self.choice.value == DEFAULT_CHOICE else Path(self.file.value)
+
+    def load(self, device: str | None = None):
+        """The model and its info from the shared cache (one copy per file and device)."""
+        return cached_model(self.path(), device or self.device.value)
 
 
 @dataclass
@@ -131,6 +138,16 @@ class BackgroundTask:
             for button in self._buttons:
                 button.enabled = True
             self._cancel.enabled = False
+
+
+def image_and_placement(widget):
+    """The chosen image layer and the scale/units overlays need, or None after telling the
+    user to open one."""
+    layer = widget._image.value
+    if layer is None:
+        widget._status.value = "Open an image first (File > Open, or File > Open Sample > napari-bach)."
+        return None, None
+    return layer, {"scale": tuple(layer.scale[-2:]), "units": tuple(layer.units[-2:])}
 
 
 def put_result_layer(viewer, data, kwargs: dict, layer_type: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSlider, FloatSpinBox, Label, ProgressBar, PushButton, create_widget
+from magicgui.widgets import CheckBox, Container, FloatSlider, FloatSpinBox, Label, ProgressBar, PushButton, create_widget
 
 from ..checkpoint import DEFAULT_MODEL, CheckpointError, ModelInfo, cached_model, read_config
 from ..config import ModelConfig, Thresholds
@@ -17,9 +17,9 @@ from ..detections import Detections, Segmentation
 from ..edit import Edits
 from ..measure import hematoxylin, measure_nuclei
 from ..pixelsize import EXPLICIT, PixelSize
-from ..predict import available_devices, iter_predict
-from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, layer_pixel_size, layer_rgb, layer_tissue_class,
-                     put_result_layer, row, tissue_text, wrap)
+from ..predict import iter_predict
+from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, image_and_placement,
+                     layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, tissue_text, wrap)
 from .layers import result_layers
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ class SegmentWidget(Container):
         cfg = ModelConfig()
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
         self.model = ModelPicker()
-        self._device = ComboBox(label="Device", choices=available_devices(), value="cpu")
         self._tta = CheckBox(text="flip TTA (4× slower)", value=False)
         # 0 shows as "unknown": sizes then stay in pixels rather than use a guessed µm/px.
         self._mpp = FloatSpinBox(label="µm/px", min=0.0, max=100.0, step=0.0001, value=0.0)
@@ -78,7 +77,8 @@ class SegmentWidget(Container):
         self.task = BackgroundTask(self._progress, self._status, [self._run], self._cancel)
         self.result: Result | None = None
         self._layer_pixel_size = PixelSize(None)
-        self.extend([self._image, *self.model.widgets, row(self._device, self._tta, label="Device"), self._mpp, self._score, self._nms,
+        self.extend([self._image, self.model.choice, self.model.file, row(self.model.device, self._tta, label="Device"),
+                     self._mpp, self._score, self._nms,
                      row(self._run, self._cancel), self._progress, self._status, self._tissue])
         for label in (self._status, self._tissue):
             wrap(label)
@@ -146,9 +146,8 @@ class SegmentWidget(Container):
 
     # -- running --------------------------------------------------------------------------
     def run(self) -> None:
-        layer = self._image.value
+        layer, placement = image_and_placement(self)
         if layer is None:
-            self._status.value = "Open an image first (File > Open, or File > Open Sample > napari-bach)."
             return
         path = self.model.path()
         if not path.is_file():
@@ -159,9 +158,8 @@ class SegmentWidget(Container):
         except ValueError as exc:
             self.task.fail(exc)
             return
-        source, placement = layer.name, {"scale": tuple(layer.scale[-2:]), "units": tuple(layer.units[-2:])}
-        known = layer_tissue_class(layer)
-        self.task.start(_segment, rgb, path, self._device.value, self.pixel_size(), bool(self._tta.value),
+        source, known = layer.name, layer_tissue_class(layer)
+        self.task.start(_segment, rgb, path, self.model.device.value, self.pixel_size(), bool(self._tta.value),
                         done=lambda out: self._on_done(out, layer, source, placement, known))
 
     def cancel(self) -> None:
@@ -170,7 +168,7 @@ class SegmentWidget(Container):
     def _on_done(self, out, layer, source: str, placement: dict, known: str | None) -> None:
         det, info, hema, model_mpp = out
         edits = Edits(first_free=len(det) + 1)
-        if self.result is not None and self.result.source == source:
+        if self.result is not None and (self.result.source, self.result.det.image_shape) == (source, det.image_shape):
             self._absorb_edits()  # a re-run keeps what was drawn and deleted by hand
             edits = self.result.edits.carried_to(self.result.det.boxes, det.boxes, len(det) + 1)
         ps = det.pixel_size

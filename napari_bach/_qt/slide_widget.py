@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox, create_widget
+from magicgui.widgets import Container, FileEdit, Label, ProgressBar, PushButton, SpinBox, create_widget
 
 from ..checkpoint import cached_model
-from ..pixelsize import PixelSize
+from ..pixelsize import EXPLICIT, PixelSize
 from ..predict import available_devices
 from ..slide import SlideResult, iter_segment_slide
 from ..slideio import open_slide
@@ -29,7 +29,7 @@ def _segment_slide(path: str, out: str, model_path: Path, device: str, pixel_siz
                    region: tuple[int, int, int, int] | None, block_size: int):
     yield "loading model"
     model, info = cached_model(model_path, device)
-    slide = open_slide(path, pixel_size.mpp if pixel_size.source == "given" else None)
+    slide = open_slide(path, pixel_size.mpp if pixel_size.source == EXPLICIT else None)
     try:
         return (yield from iter_segment_slide(slide, model, out, region, tissue_only=region is None,
                                               block_size=block_size, model_name=info.name,
@@ -45,8 +45,7 @@ class SlideWidget(Container):
         super().__init__(labels=True)
         self._viewer = viewer
         self._image = create_widget(label="Slide", annotation="napari.layers.Image")
-        self.model = ModelPicker()
-        self._device = ComboBox(label="Device", choices=available_devices(), value=available_devices()[-1])
+        self.model = ModelPicker(device=available_devices()[-1])  # a slide wants the GPU when there is one
         self.region = RegionPicker(whole=True)  # boxes: their common extent
         self._region, self._region_layer = self.region.widgets
         self._out = FileEdit(label="Output folder", mode="d")
@@ -56,7 +55,7 @@ class SlideWidget(Container):
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self._status = Label(label="Status", value="Open a slide (.svs, .ndpi, pyramidal .tif) with napari-bach.")
         wrap(self._status)
-        self.extend([self._image, *self.model.widgets, self._device, self._region, self._region_layer, self._out,
+        self.extend([self._image, *self.model.widgets, self._region, self._region_layer, self._out,
                      self._block, row(self._run, self._cancel), self._progress, self._status])
         self.task = BackgroundTask(self._progress, self._status, [self._run], self._cancel)
         task = self.task
@@ -95,7 +94,7 @@ class SlideWidget(Container):
             self.task.fail(exc)
             return
         pixel_size = layer_pixel_size(layer)
-        self.task.start(_segment_slide, path, out, self.model.path(), self._device.value, pixel_size, region,
+        self.task.start(_segment_slide, path, out, self.model.path(), self.model.device.value, pixel_size, region,
                         int(self._block.value), done=lambda result: self._on_done(result, layer))
 
     def _on_done(self, result: SlideResult, layer) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, Select, SpinBox, create_widget
+from magicgui.widgets import Container, FloatSpinBox, LineEdit, PushButton, Select, SpinBox, create_widget
 
 from ..anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, iter_anchors_in_region, iter_proposals, make_generator
 from ..checkpoint import cached_model
 from ..edit import segmentation_from_labels
 from .common import (EXPECTED_ERRORS, BackgroundTask, ModelPicker, RegionPicker, image_and_placement, layer_pixel_size,
-                     layer_rgb, row, wrap)
+                     layer_rgb, row)
 from .layers import box_corners
 
 if TYPE_CHECKING:
@@ -66,17 +66,11 @@ class AnchorWidget(Container):
         self._k = SpinBox(label="Top-k proposals", min=1, max=5000, value=200)
         self._nms = FloatSpinBox(label="Proposal NMS IoU", min=0.05, max=1.0, step=0.05, value=0.7)
         self._show_proposals = PushButton(text="Show proposals")
-        self._cancel = PushButton(text="Cancel", enabled=False)
-        self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
-        self._status = Label(label="Status", value="")
-        wrap(self._status)
+        self.task = BackgroundTask(self, [self._show_anchors, self._show_proposals])
+        self._cancel, self._progress, self._status = self.task.widgets
         self.extend([self._image, *self.model.widgets, self._levels, self._sizes, self._ratios, self._region,
                      self._region_layer, self._nuclei, self._fg, self._bg, self._cap, self._show_anchors, self._k,
                      self._nms, row(self._show_proposals, self._cancel), self._progress, self._status])
-        self.task = BackgroundTask(self._progress, self._status, [self._show_anchors, self._show_proposals],
-                                   self._cancel)
-        task = self.task  # not self: the Python side may be gone when Qt destroys the widget
-        self.native.destroyed.connect(lambda *_: task.close())
         self._show_anchors.changed.connect(self.show_anchors)
         self._show_proposals.changed.connect(self.show_proposals)
 

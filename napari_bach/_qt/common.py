@@ -72,14 +72,21 @@ def _guarded(work, *args):
 
 
 class BackgroundTask:
-    """Runs a progress generator in a napari ``thread_worker``: progress bar, status line,
-    Cancel, buttons disabled while it runs, and one path for every error."""
+    """Runs a progress generator in a napari ``thread_worker``: its own progress bar, status
+    line and Cancel button, the widget's ``buttons`` disabled while it runs, one path for
+    every error, and a stop when the dock goes away."""
 
-    def __init__(self, progress: ProgressBar, status: Label, buttons: list[PushButton], cancel: PushButton) -> None:
-        self._progress, self._status, self._buttons, self._cancel = progress, status, buttons, cancel
+    def __init__(self, owner: Container, buttons: list[PushButton], status: str = "") -> None:
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
+        self._status = Label(label="Status", value=status)
+        wrap(self._status)
+        self.widgets = (self._cancel, self._progress, self._status)
+        self._buttons = buttons
         self.worker = None
         self.closed = False
-        cancel.changed.connect(self.cancel)
+        self._cancel.changed.connect(self.cancel)
+        owner.native.destroyed.connect(lambda *_: self.close())  # the task, not the owner: Qt may outlive it
 
     def start(self, work, *args, done: Callable[[object], None]) -> None:
         from napari.qt.threading import create_worker

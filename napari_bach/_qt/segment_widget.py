@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, Container, FloatSlider, FloatSpinBox, Label, ProgressBar, PushButton, create_widget
+from magicgui.widgets import CheckBox, Container, FloatSlider, FloatSpinBox, Label, PushButton, create_widget
 
 from ..checkpoint import DEFAULT_MODEL, CheckpointError, ModelInfo, cached_model, read_config
 from ..config import ModelConfig, Thresholds
@@ -70,18 +70,15 @@ class SegmentWidget(Container):
                                   value=cfg.default_score_threshold)
         self._nms = FloatSlider(label="NMS IoU", min=0.1, max=cfg.candidate_nms, step=0.01, value=cfg.default_nms_iou)
         self._run = PushButton(text="Segment nuclei")
-        self._cancel = PushButton(text="Cancel", enabled=False)
-        self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
-        self._status = Label(label="Status", value="")
         self._tissue = Label(label="Result", value="")
-        self.task = BackgroundTask(self._progress, self._status, [self._run], self._cancel)
+        self.task = BackgroundTask(self, [self._run])
+        self._cancel, self._progress, self._status = self.task.widgets
         self.result: Result | None = None
         self._layer_pixel_size = PixelSize(None)
         self.extend([self._image, self.model.choice, self.model.file, row(self.model.device, self._tta, label="Device"),
                      self._mpp, self._score, self._nms,
                      row(self._run, self._cancel), self._progress, self._status, self._tissue])
-        for label in (self._status, self._tissue):
-            wrap(label)
+        wrap(self._tissue)
         from qtpy.QtCore import QTimer
 
         self._measure_timer = QTimer()
@@ -93,8 +90,6 @@ class SegmentWidget(Container):
         self._refilter_timer.setSingleShot(True)
         self._refilter_timer.setInterval(0)
         self._refilter_timer.timeout.connect(self.refilter)
-        task = self.task  # not self: the Python side may be gone when Qt destroys the widget
-        self.native.destroyed.connect(lambda *_: task.close())
         self._image.changed.connect(self._on_image_changed)
         self._run.changed.connect(self.run)
         self._score.changed.connect(lambda _: self._refilter_timer.start())

@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import Container, FileEdit, Label, ProgressBar, PushButton, SpinBox, create_widget
+from magicgui.widgets import Container, FileEdit, PushButton, SpinBox, create_widget
 
 from ..checkpoint import cached_model
 from ..pixelsize import EXPLICIT, PixelSize
 from ..predict import available_devices
 from ..slide import SlideResult, iter_segment_slide
 from ..slideio import open_slide
-from .common import BackgroundTask, ModelPicker, RegionPicker, layer_pixel_size, row, wrap
+from .common import BackgroundTask, ModelPicker, RegionPicker, layer_pixel_size, row
 from .layers import ROLE_KEY
 
 if TYPE_CHECKING:
@@ -51,15 +51,10 @@ class SlideWidget(Container):
         self._out = FileEdit(label="Output folder", mode="d")
         self._block = SpinBox(label="Block px", min=512, max=16384, step=512, value=4096)
         self._run = PushButton(text="Segment slide")
-        self._cancel = PushButton(text="Cancel", enabled=False)
-        self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
-        self._status = Label(label="Status", value="Open a slide (.svs, .ndpi, pyramidal .tif) with napari-bach.")
-        wrap(self._status)
+        self.task = BackgroundTask(self, [self._run], "Open a slide (.svs, .ndpi, pyramidal .tif) with napari-bach.")
+        self._cancel, self._progress, self._status = self.task.widgets
         self.extend([self._image, *self.model.widgets, self._region, self._region_layer, self._out,
                      self._block, row(self._run, self._cancel), self._progress, self._status])
-        self.task = BackgroundTask(self._progress, self._status, [self._run], self._cancel)
-        task = self.task
-        self.native.destroyed.connect(lambda *_: task.close())
         self._run.changed.connect(self.run)
         self.result: SlideResult | None = None
 

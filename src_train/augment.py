@@ -26,16 +26,21 @@ OD_FLOOR = 1e-6  # as scikit-image's rgb2hed: no log of zero
 
 @dataclass
 class AugmentConfig:
+    """Defaults are the recipe measured best on unseen breast tissue (issue 13): wide
+    zoom, strong stain jitter, and JPEG/blur/sharpen for other scanners' optics and files."""
+
     crop: int = 384
-    scale: tuple[float, float] = (0.8, 1.25)
+    scale: tuple[float, float] = (0.6, 1.6)
     rotate: bool = True
     flip: bool = True
     brightness: float = 0.1
     contrast: float = 0.15
     hue: float = 0.04
     saturation: float = 0.2
-    stain_sigma: float = 0.05  # multiplicative jitter per H, E, D channel; additive in OD units
+    stain_sigma: float = 0.1  # multiplicative jitter per H, E, D channel; additive in OD units
     blur_p: float = 0.1
+    sharpen_p: float = 0.1
+    jpeg_p: float = 0.3  # re-compressed at quality 40–95, as slide exports and CoNSeP are
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float, n: int = 1) -> torch.Tensor:
@@ -102,7 +107,19 @@ def jitter_colour(image: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig)
     if cfg.blur_p and float(torch.rand(1, generator=gen)) < cfg.blur_p:
         sigma = float(_uniform(gen, 0.5, 1.2))
         x = TF.gaussian_blur(x, kernel_size=[5, 5], sigma=[sigma, sigma])
+    elif cfg.sharpen_p and float(torch.rand(1, generator=gen)) < cfg.sharpen_p:
+        x = TF.adjust_sharpness(x, float(_uniform(gen, 1.5, 3.0)))
+    if cfg.jpeg_p and float(torch.rand(1, generator=gen)) < cfg.jpeg_p:
+        x = jpeg(x, int(_uniform(gen, 40, 95)))
     return x
+
+
+def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """Round trip through JPEG at ``quality`` (block artefacts, chroma subsampling)."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    u8 = image.mul(255).round_().to(torch.uint8).cpu()
+    return decode_jpeg(encode_jpeg(u8, quality=quality)).to(image.device).float().div_(255)
 
 
 def augment(image: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,

@@ -57,6 +57,8 @@ class Sample:
     tissue: int = -1  # index into BACH_CLASSES, -1 if unknown
     name: str = ""
     exact: bool = True  # False when instances were split from a binary mask
+    weight: float = 1.0  # how often training draws crops from this image, relative to the others
+    group: str = ""  # the source it came from: validation reports each group separately
 
 
 def read_aperio_xml(path: str | Path, shape: tuple[int, int]) -> tuple[np.ndarray, float | None]:
@@ -92,18 +94,23 @@ def split_binary(mask: np.ndarray, h: float = 2.0) -> np.ndarray:
     return watershed(-dist, markers, mask=fg).astype(np.int32)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Instance labels from a mask image: integer ids are kept, a binary mask is split
-    into nuclei by :func:`split_binary` (prefer polygons or instance masks where present)."""
+def read_mask(path: str | Path) -> tuple[np.ndarray, bool]:
+    """Instance labels from a mask image and whether they are exact: integer ids are
+    kept (exact), an 8-bit two-valued mask is split into nuclei by :func:`split_binary`
+    (not exact); a 16/32-bit map with one nucleus is still an id map."""
+    import tifffile
     from PIL import Image
 
-    with Image.open(path) as im:
-        a = np.asarray(im)
+    if Path(path).suffix.lower() in (".tif", ".tiff"):
+        a = tifffile.imread(path)
+    else:
+        with Image.open(path) as im:
+            a = np.asarray(im)
     if a.ndim == 3:
         a = a[..., 0]
-    if np.unique(a).size <= 2:
-        return split_binary(a)
-    return a.astype(np.int32)
+    if a.dtype in (np.uint8, np.bool_) and np.unique(a).size <= 2:  # 16/32-bit maps are ids
+        return split_binary(a), False
+    return a.astype(np.int32), True
 
 
 def load_monuseg(root: str | Path) -> list[Sample]:
@@ -121,7 +128,7 @@ def load_monuseg(root: str | Path) -> list[Sample]:
             labels, xml_mpp = read_aperio_xml(xml, data.rgb.shape[:2])
             mpp = xml_mpp or mpp
         else:
-            labels = read_mask(root / "masks" / f"{img_path.stem}.png")
+            labels, exact = read_mask(root / "masks" / f"{img_path.stem}.png")
         samples.append(Sample(data.rgb, labels, mpp, name=img_path.stem, exact=exact))
     if not samples:
         raise FileNotFoundError(f"no images under {root / 'images'}")
@@ -137,7 +144,8 @@ def load_mask_folder(images: str | Path, masks: str | Path, mpp: float) -> list[
         if not candidates:
             continue
         data = read_image(img_path)
-        samples.append(Sample(data.rgb, read_mask(candidates[0]), data.mpp or mpp, name=img_path.stem))
+        labels, exact = read_mask(candidates[0])
+        samples.append(Sample(data.rgb, labels, data.mpp or mpp, name=img_path.stem, exact=exact))
     return samples
 
 

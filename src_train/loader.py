@@ -33,6 +33,8 @@ class CropStream(Dataset):
         self.images = [torch.from_numpy(np.ascontiguousarray(s.image)) for s in samples]  # uint8, shared by workers
         self.labels = [None if s.labels is None else torch.from_numpy(s.labels.astype(np.int32)) for s in samples]
         self.tissue = [s.tissue for s in samples]
+        self.weights = torch.tensor([s.weight for s in samples], dtype=torch.float64)
+        self.uniform = bool((self.weights == self.weights[:1]).all()) if samples else True
         self.cfg, self.seed, self.rank = augment_cfg, seed, rank
 
     def __len__(self) -> int:
@@ -40,7 +42,10 @@ class CropStream(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         gen = torch.Generator().manual_seed(crop_seed(self.seed, self.rank, index))
-        k = int(torch.randint(len(self.images), (1,), generator=gen))
+        if self.uniform:  # the draw of runs before weights existed: they resume with the same crops
+            k = int(torch.randint(len(self.images), (1,), generator=gen))
+        else:  # images drawn by their sources' weights
+            k = int(torch.multinomial(self.weights, 1, generator=gen))
         image = to_tensor(self.images[k].numpy())
         labels = self.labels[k] if self.labels[k] is not None else torch.zeros(image.shape[1:], dtype=torch.int32)
         img, lab = augment(image, labels, gen, self.cfg)

@@ -61,6 +61,8 @@ class TrainConfig:
     lr_scaling: str = "sqrt"  # lr is for REFERENCE_BATCH crops; scaled to the global batch: none|linear|sqrt
     amp: bool = True  # bf16 autocast on CUDA (CPU always trains in fp32)
     ema: float = 0.0  # >0: keep an exponential moving average of the weights (e.g. 0.999) and ship it
+    max_hours: float = 0.0  # >0: the schedule runs on training time and ends after this many hours
+    val_every_steps: int = 0  # >0: validate every this many steps instead of every val_every epochs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -102,28 +104,36 @@ def scaled_lr(cfg: "TrainConfig", world: int) -> float:
     return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 5% of the base rate."""
+def lr_factor(step: int, total: int, warmup: int, progress: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to 5% of the base rate. ``progress`` (0–1) is
+    where the run is when it is scheduled by time rather than steps."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+    if progress is None:
+        progress = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def validate(model: BachMaskRCNN, samples: list[Sample]) -> dict:
-    """Nucleus metrics of the model on whole validation images at its default thresholds."""
+def validate(model: BachMaskRCNN, groups: dict[str, list[Sample]]) -> dict:
+    """Nucleus metrics of the model on whole validation images at its default thresholds,
+    per group (source) and their mean: every unseen source counts the same."""
     from .evaluate import score_nuclei
 
     score = model.config.default_score_threshold
-    per_image = score_nuclei(model, samples, [score], model.config.default_nms_iou)[score]
+    out: dict = {}
+    for name, samples in groups.items():
+        per_image = score_nuclei(model, samples, [score], model.config.default_nms_iou)[score]
+        out[name] = pooled_nucleus_metrics(per_image)
     model.train()
-    return pooled_nucleus_metrics(per_image)
+    for key in ("f1", "aji", "pq", "dice"):
+        out[key] = float(np.mean([m[key] for m in out.values() if isinstance(m, dict)]))
+    return out
 
 
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, nuclei_train: list[Sample],
-                 nuclei_val: list[Sample], tissue_train: list[Sample] = (), data_note: str = "",
-                 license: str = "", pretrained: str | None = None) -> None:
+                 nuclei_val: list[Sample] | dict[str, list[Sample]], tissue_train: list[Sample] = (),
+                 data_note: str = "", license: str = "", pretrained: str | None = None) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
         self.dist = Distributed.from_env()
         self.device = self.dist.start(cfg.device)
@@ -136,7 +146,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.rng = np.random.default_rng(cfg.seed)  # the same nucleus/tissue step choices on every rank
         self.train = [rescale_sample(s, model_cfg.mpp) for s in nuclei_train]
-        self.val = list(nuclei_val)
+        self.val = dict(nuclei_val) if isinstance(nuclei_val, dict) else ({"validation": list(nuclei_val)} if nuclei_val else {})
         self.tissue = [rescale_sample(s, model_cfg.mpp) for s in tissue_train]
         self.data_note, self.license = data_note, license
         cuda = self.device.startswith("cuda")
@@ -168,6 +178,8 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(n_items * cfg.crops_per_image / global_batch))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.step, self.best, self.bad_validations, self.history = 0, -1.0, 0, []
+        self.seconds = 0.0  # training time so far (this and earlier sessions), for --max-hours
+        self.start_note = f"from ImageNet ({pretrained})" if pretrained else "from scratch"
         self.drawn = {"nuclei": 0, "tissue": 0}  # batches taken from each stream: where a resume continues
         self._streams = {"nuclei": CropStream(self.train, cfg.augment, cfg.seed, self.dist.rank),
                          "tissue": CropStream(self.tissue, cfg.augment, cfg.seed + 1, self.dist.rank)}
@@ -178,7 +190,8 @@ class Trainer:
         return ModelInfo(name=f"{self.model_cfg.backbone}-nuclei", nuclei_trained=self.step > 0 and bool(self.train),
                          tissue_trained=self.step > 0 and bool(self.tissue), data=self.data_note,
                          license=self.license, steps=self.step, metrics=metrics or {},
-                         notes=f"trained from scratch by src_train, seed {self.cfg.seed}")
+                         notes=f"trained {self.start_note} by src_train, seed {self.cfg.seed}, "
+                               f"{self.step} steps in {self.seconds / 3600:.2f} h")
 
     def shipped_model(self) -> BachMaskRCNN:
         """The weights validated and shipped: the moving average when EMA is on."""
@@ -194,7 +207,7 @@ class Trainer:
                      "history": json.dumps(self.history), "optimizer": self.opt.state_dict(),
                      "torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(self.rng.bit_generator.state),
                      "python_rng": json.dumps(random.getstate()), "train_config": json.dumps(asdict(self.cfg)),
-                     "drawn": json.dumps(self.drawn), "world": self.dist.world}
+                     "drawn": json.dumps(self.drawn), "world": self.dist.world, "seconds": self.seconds}
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
                 state["weights"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -215,11 +228,35 @@ class Trainer:
             print(f"note: resumed a {st.get('world', 1)}-process run with {self.dist.world}: crops continue per rank")
         self.opt.load_state_dict(st["optimizer"])
         self.step, self.best, self.bad_validations = int(st["step"]), float(st["best"]), int(st["bad_validations"])
+        self.seconds = float(st.get("seconds", 0.0))
         self.history = json.loads(st["history"])
         torch.set_rng_state(st["torch_rng"])
         self.rng.bit_generator.state = json.loads(st["numpy_rng"])
         state = json.loads(st["python_rng"])
         random.setstate((state[0], tuple(state[1]), state[2]))
+
+    def init_from(self, path: str | Path) -> int:
+        """Warm start: weights only from a napari-bach checkpoint (a new schedule, optimizer
+        and step count). Tensors whose name and shape match are copied; returns how many."""
+        payload = read_checkpoint(path)
+        own = self.model.state_dict()
+        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()
+                 if k in own and own[k].shape == v.shape}
+        if not any(k.startswith("backbone.") for k in state):
+            raise ValueError(f"{path}: its backbone does not fit this model's ({self.model_cfg.backbone})")
+        self.model.load_state_dict(state, strict=False)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state, strict=False)
+        prior = payload.get("info", {})
+        self.start_note = f"warm-started from {Path(path).name} ({prior.get('name', '?')}, {prior.get('steps', 0)} steps)"
+        return len(state)
+
+    def progress(self) -> float:
+        """Where the schedule is, 0–1: by steps, or by training time with ``max_hours``."""
+        if self.cfg.max_hours > 0:
+            by_steps = self.step / self.cfg.max_steps if self.cfg.max_steps else 0.0
+            return max(self.seconds / (self.cfg.max_hours * 3600), by_steps)
+        return self.step / max(1, self.total_steps)
 
     # -- one step ------------------------------------------------------------------------
     def _next(self, kind: str):
@@ -237,7 +274,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         for group in self.opt.param_groups:
-            group["lr"] = self.base_lr * lr_factor(self.step, self.total_steps, self.cfg.warmup_steps)
+            timed = self.progress() if self.cfg.max_hours > 0 else None
+            group["lr"] = self.base_lr * lr_factor(self.step, self.total_steps, self.cfg.warmup_steps, timed)
         use_tissue = self.tissue and (not self.train or self.rng.random() < len(self.tissue) / (len(self.tissue) + len(self.train)))
         kind = "tissue" if use_tissue else "nuclei"
         self.opt.zero_grad(set_to_none=True)
@@ -278,12 +316,15 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", mininterval=5)
         stopped_early = False
+        val_every = self.cfg.val_every_steps or self.cfg.val_every * self.steps_per_epoch
         try:
-            while self.step < self.total_steps:
+            while self.progress() < 1.0:
                 t0 = time.perf_counter()
                 row = self.train_step()
+                took = time.perf_counter() - t0
+                self.seconds += took
                 row.update(step=self.step, epoch=round(self.step / self.steps_per_epoch, 3),
-                           lr=self.opt.param_groups[0]["lr"], seconds=round(time.perf_counter() - t0, 3))
+                           lr=self.opt.param_groups[0]["lr"], seconds=round(took, 3))
                 writer.writerow(row)
                 log.flush()
                 if bar is not None:
@@ -291,10 +332,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if self.step % self.cfg.checkpoint_every == 0:
                     self.save("last.pt")
-                if self.val and self.step % (self.cfg.val_every * self.steps_per_epoch) == 0:
+                if self.val and self.step % val_every == 0:
                     if self._validate():
                         stopped_early = True
                         break
+            if self.val and not stopped_early and self.step % val_every:
+                self._validate()  # the final weights are a candidate too
         finally:
             log.close()
             if bar is not None:
@@ -319,7 +362,7 @@ class Trainer:
         self.history.append(metrics)
         with open(self.out / "val.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
-        score = metrics["pq"]
+        score = metrics["pq"]  # the mean over groups
         if score > self.best:
             self.best, self.bad_validations = score, 0
             self.save("best.pt", metrics, with_state=False)

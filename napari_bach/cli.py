@@ -24,7 +24,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class OutputClash(ValueError):
-    """Two inputs would write the same output files."""
+    """Two inputs would write the same output files, or a slide's output folder holds
+    another run's results: refused before any work, exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -88,16 +89,28 @@ def segment_slides(jobs: list[Job], out: Path, model_path, mpp, thresholds, devi
 
     rows, failed = [], 0
     if not (options.workers or options.scheduler):
+        from tqdm import tqdm
+
         for n, job in enumerate(jobs, start=1):
-            def report(step, name=f"[slide {n}/{len(jobs)}] {job.path.name}"):
-                if ": tile " not in step.message:  # one line per block, not per tile
-                    log(f"{name}: {step.message}")
+            # a bar per slide, in tiles, with tqdm's rate and time left (in a log too, every 10 s)
+            bar = tqdm(desc=f"[slide {n}/{len(jobs)}] {job.path.name}", unit="tile", file=sys.stderr,
+                       mininterval=0.5 if sys.stderr.isatty() else 10)
+
+            def report(step, bar=bar):
+                bar.total = step.total
+                bar.n = step.done
+                bar.set_postfix_str(step.message.split(",")[0], refresh=False)
+                bar.refresh() if sys.stderr.isatty() else bar.update(0)
             try:
                 rows.append(segment_slide_file(*args(job), progress=report))
             except Exception as exc:  # one bad slide must not stop the others
                 rows.append({"image": str(job.path), "error": f"{exc.__class__.__name__}: {exc}"})
                 log(f"{job.path.name}: failed: {exc}")
                 failed += 1
+            finally:
+                bar.close()
+            if "error" not in rows[-1]:
+                log(f"[slide {n}/{len(jobs)}] {job.path.name}: {rows[-1]['nuclei']} nuclei ({rows[-1]['note']})")
         return rows, failed
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -116,6 +129,26 @@ def segment_slides(jobs: list[Job], out: Path, model_path, mpp, thresholds, devi
                 log(f"{job.path.name}: failed: {exc}")
                 failed += 1
     return rows, failed
+
+
+def _check_slides(jobs: list[Job], out: Path, config, model_name: str, mpp, thresholds: Thresholds,
+                  options: SlideOptions) -> None:
+    """Refuse, before any work, slides whose outputs would mix with another run's or whose
+    block size cannot hold the context around it (a slide that cannot be opened fails
+    later, on its own, as any unreadable input)."""
+    from .slide import SlideOutputsExist, check_slide_outputs
+
+    problems = []
+    for job in jobs:
+        try:
+            check_slide_outputs(job.path, job.output(out, "").parent, config, model_name, mpp, thresholds,
+                                options.region, options.block_size)
+        except (SlideOutputsExist, ValueError) as exc:
+            problems.append(f"{job.path.name}: {exc}")
+        except Exception:  # unreadable: reported with the other failed inputs
+            continue
+    if problems:
+        raise OutputClash("; ".join(problems))
 
 
 def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = DEFAULT_MODEL,
@@ -145,11 +178,13 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     model, info = cached_model(model_path, device)  # a wrong model stops here, before anything is written
     cfg = model.config
     limits = thresholds.resolve(cfg)
-    log(f"model: {info.status}; score ≥ {limits.score:g}, NMS IoU {limits.nms_iou:g}")
+    log(f"model: {info.status}; score ≥ {limits.score:g}, NMS IoU {limits.nms_iou:g}, "
+        f"nuclei ≥ {limits.min_area:g} µm²")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     slide_jobs = [job for job in jobs if is_slide(job.path)]
     jobs = [job for job in jobs if job not in slide_jobs]
+    _check_slides(slide_jobs, out, cfg, info.name, mpp, thresholds, slides)
+    out.mkdir(parents=True, exist_ok=True)
     slide_rows, slide_failed = (segment_slides(slide_jobs, out, model_path, mpp, thresholds, device, slides, log)
                                 if slide_jobs else ([], 0))
     classes = list(cfg.tissue_classes)
@@ -178,7 +213,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
 
         det = predict(data.rgb, model, pixel_size, tissue_trained=info.tissue_trained, progress=tick, tta=tta)
         tiles.close()
-        seg = det.refilter(limits.score, limits.nms_iou).consecutive()
+        seg = det.refilter(limits.score, limits.nms_iou, min_area=limits.min_area_px(pixel_size.mpp, cfg)).consecutive()
         table = measure_nuclei(seg, hematoxylin(data.rgb))
         job.output(out, "").parent.mkdir(parents=True, exist_ok=True)
         write_labels_tiff(job.output(out, "_labels.tif"), seg.labels, pixel_size.mpp)
@@ -253,6 +288,37 @@ def _iou(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _min_area(text: str) -> float:
+    try:
+        return Thresholds(min_area=float(text)).min_area
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+MIN_BLOCK, MAX_BLOCK = 1024, 32768
+
+
+def _block_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    if not MIN_BLOCK <= value <= MAX_BLOCK:
+        raise argparse.ArgumentTypeError(f"{value} px: blocks are {MIN_BLOCK}–{MAX_BLOCK} px (each carries 40 µm "
+                                         "of context on every side; memory grows with the block)")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more workers, or leave --workers out to run here")
+    return value
+
+
 def _device(text: str) -> str:
     from .predict import available_devices
 
@@ -302,16 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep nuclei scoring at least this, 0–1 (default: the model's own)")
     s.add_argument("--nms-iou", type=_iou, default=None,
                    help="overlap above which the weaker of two nuclei is dropped (default: the model's own)")
+    s.add_argument("--min-area", type=_min_area, default=None, metavar="UM2",
+                   help="drop nuclei smaller than this many µm² (pixels at the model's µm/px when the image's "
+                        "µm/px is unknown; default: the model's own, 3 µm² for the shipped model)")
     s.add_argument("--device", type=_device, default="cpu", help="cpu, or cuda/mps where present (default: %(default)s)")
     s.add_argument("--tta", action="store_true", help="flip test-time augmentation: 4 passes per tile (images)")
     w = s.add_argument_group("whole slides (.svs, .ndpi, .scn, pyramidal or very large TIFF)")
     w.add_argument("--roi", type=_roi, default=None, metavar="X0,Y0,X1,Y1",
                    help="segment only this box of each slide (level-0 pixels; default: all tissue)")
-    w.add_argument("--block-size", type=int, default=4096,
+    w.add_argument("--block-size", type=_block_size, default=4096,
                    help="level-0 pixels per streamed block; memory grows with it, not with the slide "
                         "(default: %(default)s)")
-    w.add_argument("--workers", type=int, default=0,
-                   help="segment slides on a dask LocalCluster of N worker processes (default: here)")
+    w.add_argument("--workers", type=_positive, default=0, metavar="N",
+                   help="segment slides on a dask LocalCluster of N (1 or more) worker processes "
+                        "(default: in this process)")
     w.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
                    help="submit one task per slide to this dask.distributed scheduler (e.g. tcp://host:8786)")
     return parser
@@ -331,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         slides = SlideOptions(args.roi, args.block_size, args.workers, args.dask_scheduler)
         _, failed = segment_files(args.inputs, args.out, args.model, args.mpp,
-                                  Thresholds(args.score_threshold, args.nms_iou), args.device,
+                                  Thresholds(args.score_threshold, args.nms_iou, args.min_area), args.device,
                                   log=lambda m: print(m, file=sys.stderr), progress=sys.stderr.isatty(), slides=slides,
                                   tta=args.tta)
     except (CheckpointError, OutputClash) as exc:

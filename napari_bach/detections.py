@@ -10,6 +10,7 @@ nuclei appear or disappear (their colours stay), and the user's edits, recorded 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,17 +70,30 @@ class Detections:
             return idx[keep.numpy()]
         return idx[np.argsort(-self.scores[idx], kind="stable")]
 
-    def refilter(self, score_threshold: float, nms_iou: float, edits: Edits | None = None) -> Segmentation:
+    @cached_property
+    def areas(self) -> np.ndarray:
+        """Mask area of each candidate in pixels (before overlaps are resolved)."""
+        return np.array([int(c.sum()) for c in self.crops], np.int64)
+
+    def refilter(self, score_threshold: float, nms_iou: float, edits: Edits | None = None,
+                 min_area: float = 0.0) -> Segmentation:
         """Labels and boxes for new thresholds, without running the network.
 
-        With ``edits``, nuclei the user deleted or redrew stay as the user left them, and
-        hand-drawn nuclei are pasted over the model's."""
+        ``min_area`` (pixels): smaller candidates, and what is left visible of a larger
+        one that others cover, are fragments, not nuclei. With ``edits``, nuclei the user
+        deleted or redrew stay as the user left them, and hand-drawn nuclei are pasted
+        over the model's (whatever their size)."""
         order = self.select(score_threshold, nms_iou)
+        if min_area > 0 and order.size:
+            order = order[self.areas[order] >= min_area]
         if edits is not None and edits.removed:
             order = order[~np.isin(order + 1, np.fromiter(edits.removed, np.int64))]
         labels, written = paste_labels(self.image_shape, self.offsets, self.crops, order)
         ids, boxes, scores = order + 1, self.boxes[order], self.scores[order]
-        visible = written > 0  # drop candidates whose mask was empty or fully covered
+        visible = written >= max(1.0, min_area)  # drop empty, covered and fragment-sized remains
+        if min_area > 0:
+            for k in order[(written > 0) & ~visible]:
+                _erase(labels, k + 1, self.offsets[k], self.crops[k].shape)
         if edits is not None and edits.drawn:  # hand-drawn nuclei may cover model ones
             ids, boxes, scores = edits.paste_onto(labels, ids, boxes, scores)
             visible = (np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1) > 0)[ids]
@@ -92,3 +106,10 @@ class Detections:
         offsets = np.concatenate([p.offsets for p in parts]) if parts else np.zeros((0, 2), np.int64)
         crops = [c for p in parts for c in p.crops]
         return cls(image_shape, boxes.astype(np.float32), scores.astype(np.float32), offsets, crops, **kw)
+
+
+def _erase(labels: np.ndarray, label: int, offset: np.ndarray, shape: tuple[int, int]) -> None:
+    """Clear ``label``'s pixels within its crop's window (a fragment left by overlaps)."""
+    y0, x0 = max(0, int(offset[0])), max(0, int(offset[1]))
+    window = labels[y0:int(offset[0]) + shape[0], x0:int(offset[1]) + shape[1]]
+    window[window == label] = 0

@@ -91,14 +91,31 @@ class TileGeometry:
         return boxes / self.factor, own
 
 
+def _scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    if abs(factor - 1.0) <= 0.02:
+        return shape
+    return max(1, round(shape[0] * factor)), max(1, round(shape[1] * factor))
+
+
 def _to_model_scale(rgb: np.ndarray, factor: float) -> torch.Tensor:
     """RGB uint8 H×W×3 -> float 3×H'×W' in [0, 1] at the model's µm/px."""
     t = torch.tensor(rgb).permute(2, 0, 1).float().div_(255.0)  # a copy: inputs may be read-only
-    if abs(factor - 1.0) > 0.02:
-        h, w = rgb.shape[:2]
-        size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    size = _scaled_shape(rgb.shape[:2], factor)
+    if size != rgb.shape[:2]:
         t = F.interpolate(t[None], size=size, mode="bilinear", align_corners=False, antialias=factor < 1)[0]
     return t
+
+
+def plan_tiles(image_shape: tuple[int, int], config, pixel_size: PixelSize | float | None) -> TileGeometry:
+    """Where the tiles of an image lie at the model's scale. An image smaller than a tile
+    is padded with glass (white) to the full tile: the network's own zero padding looks
+    like tissue to it and yields slivers at the edge; detections centred in the padding
+    are not owned by any tile (:meth:`TileGeometry.to_image`)."""
+    factor = (as_pixel_size(pixel_size).mpp or config.mpp) / config.mpp
+    h, w = _scaled_shape(tuple(image_shape), factor)
+    ph, pw = max(0, config.tile_size - h), max(0, config.tile_size - w)
+    return TileGeometry(factor, tuple(image_shape), (h, w),
+                        tile_grid(h + ph, w + pw, config.tile_size, config.tile_overlap))
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -117,18 +134,13 @@ def run_tiled(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | floa
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an H×W×3 uint8 RGB image, got {rgb.shape} {rgb.dtype}")
     cfg = model.config
-    mpp = as_pixel_size(pixel_size).mpp or cfg.mpp
-    factor = mpp / cfg.mpp
+    geometry = plan_tiles(rgb.shape[:2], cfg, pixel_size)
     device = next(model.parameters()).device
-    image = _to_model_scale(rgb, factor)
+    image = _to_model_scale(rgb, geometry.factor)
     h, w = image.shape[-2:]
-    # An image smaller than a tile is padded with glass (white) to the full tile: the
-    # network's own zero padding looks like tissue to it and yields slivers at the edge.
-    # Detections centred in the padding are not owned by any tile (TileGeometry.to_image).
     ph, pw = max(0, cfg.tile_size - h), max(0, cfg.tile_size - w)
     if ph or pw:
         image = F.pad(image, (0, pw, 0, ph), value=1.0)
-    geometry = TileGeometry(factor, rgb.shape[:2], (h, w), tile_grid(h + ph, w + pw, cfg.tile_size, cfg.tile_overlap))
     model.eval()
     channels_last = device.type == "cpu"
     if channels_last:

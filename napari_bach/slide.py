@@ -15,8 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generator
 
@@ -26,7 +27,7 @@ from .config import Thresholds
 from .detections import Segmentation
 from .measure import COLUMNS, hematoxylin, measure_nuclei
 from .pixelsize import PixelSize
-from .predict import Progress, iter_predict
+from .predict import Progress, iter_predict, plan_tiles
 from .slideio import Slide, open_slide, tissue_mask
 from .tiling import Tile, tile_grid
 
@@ -47,7 +48,7 @@ class SlideResult:
     pixel_size: PixelSize
     region: tuple[int, int, int, int]  # y0 x0 y1 x1 in level-0 pixels
     resumed: int = 0  # blocks found finished from an earlier run
-    files: dict = field(default_factory=dict)
+    finished_before: bool = False  # the whole run was found finished: nothing was redone or rewritten
 
 
 def outputs(out_dir: str | Path, stem: str) -> dict[str, Path]:
@@ -57,12 +58,60 @@ def outputs(out_dir: str | Path, stem: str) -> dict[str, Path]:
             "parts": out / f".{stem}_parts"}
 
 
+class SlideOutputsExist(FileExistsError):
+    """The output folder holds another run's results for this slide: refused, never mixed
+    in or overwritten."""
+
+
 def is_finished(out_dir: str | Path, stem: str) -> bool:
-    """A slide whose outputs are complete (a rerun skips it)."""
+    """A slide whose outputs are complete."""
     files = outputs(out_dir, stem)
     if not files["progress"].is_file():
         return False
     return json.loads(files["progress"].read_text()).get("finished", False)
+
+
+def slide_stem(path: str | Path) -> str:
+    return Path(path).name.split(".")[0]
+
+
+def run_settings(slide: Slide, config, region: tuple[int, int, int, int] | None, thresholds: Thresholds,
+                 block_size: int, model_name: str) -> dict:
+    """Everything that decides a slide run's results; a resumed run must match them.
+    Raises ValueError for a region outside the slide or blocks too small for their halo."""
+    h, w = slide.shape
+    y0, x0, y1, x1 = region or (0, 0, h, w)
+    y0, x0, y1, x1 = max(0, int(y0)), max(0, int(x0)), min(h, int(y1)), min(w, int(x1))
+    if y1 <= y0 or x1 <= x0:
+        raise ValueError(f"the region {region} holds no pixels of this {w}×{h} slide")
+    limits = thresholds.resolve(config)
+    halo = int(np.ceil(HALO_UM / (slide.pixel_size.mpp or config.mpp)))
+    if block_size <= 4 * halo:
+        raise ValueError(f"block size {block_size} px is too small: it must exceed 4× the {halo} px "
+                         f"({HALO_UM:g} µm) of context around each block, i.e. at least {4 * halo + 1} px")
+    return {"format": FORMAT, "version": VERSION, "region": [y0, x0, y1, x1], "block_size": block_size,
+            "halo": halo, "score": limits.score, "nms_iou": limits.nms_iou, "min_area": limits.min_area,
+            "model": model_name, "mpp": slide.pixel_size.mpp}
+
+
+def existing_run(out_dir: str | Path, stem: str, settings: dict) -> dict | None:
+    """The saved state of this very run in ``out_dir`` (to resume or to reuse), None when
+    the folder holds nothing for the slide. Raises :class:`SlideOutputsExist` when it holds
+    another run's results (other region, thresholds, model …) or outputs of unknown origin."""
+    files = outputs(out_dir, stem)
+    if files["progress"].is_file():
+        old = json.loads(files["progress"].read_text())
+        if old.get("settings") != settings:
+            was = old.get("settings", {})
+            diff = [k for k in settings if was.get(k) != settings[k]]
+            raise SlideOutputsExist(
+                f"{Path(out_dir) / stem}_* belong to a run with other settings ({', '.join(diff)}); "
+                "choose another output folder, or delete that slide's outputs to redo it")
+        return old
+    if any(files[k].exists() for k in ("labels", "csv", "geojson")):
+        raise SlideOutputsExist(f"{out_dir} already holds outputs for {stem} with no record of how they were made; "
+                                "choose another folder or delete them")
+    return None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -116,36 +165,28 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
     streaming labels, CSV and GeoJSON to ``out_dir``; yields progress per block.
 
     Memory holds one block (and the next, read ahead), never the slide. Rerunning with
-    the same settings resumes after the last finished block."""
+    the same settings resumes after the last finished block; a finished run is returned
+    as it is, its files untouched. Progress is per tile, with an estimate of the time left."""
     import zarr
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = slide.path.name.split(".")[0]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a folder")
+    stem = slide_stem(slide.path)
     files = outputs(out_dir, stem)
-    h, w = slide.shape
-    y0, x0, y1, x1 = region or (0, 0, h, w)
-    y0, x0, y1, x1 = max(0, int(y0)), max(0, int(x0)), min(h, int(y1)), min(w, int(x1))
-    if y1 <= y0 or x1 <= x0:
-        raise ValueError(f"the region {region} holds no pixels of this {w}×{h} slide")
+    settings = run_settings(slide, model.config, region, thresholds, block_size, model_name)
+    y0, x0, y1, x1 = settings["region"]
     limits = thresholds.resolve(model.config)
-    mpp = slide.pixel_size.mpp or model.config.mpp
-    halo = int(np.ceil(HALO_UM / mpp))
-    if block_size <= 4 * halo:
-        raise ValueError(f"block size {block_size} must exceed 4× the {halo} px halo")
-    blocks = tile_grid(y1 - y0, x1 - x0, block_size, 2 * halo)
-    settings = {"format": FORMAT, "version": VERSION, "region": [y0, x0, y1, x1], "block_size": block_size,
-                "halo": halo, "score": limits.score, "nms_iou": limits.nms_iou, "model": model_name,
-                "mpp": slide.pixel_size.mpp}
-    state = {"settings": settings, "done": [], "next_id": 1, "nuclei": 0, "finished": False}
-    if files["progress"].is_file():
-        old = json.loads(files["progress"].read_text())
-        if old.get("settings") != settings:
-            raise FileExistsError(f"{files['progress']} belongs to a run with other settings; choose another "
-                                  "output folder or delete that slide's outputs")
-        state = old
-    elif any(files[k].exists() for k in ("labels", "csv", "geojson")):
-        raise FileExistsError(f"{out_dir} already holds outputs for {stem}; choose another folder or delete them")
+    min_area_px = limits.min_area_px(slide.pixel_size.mpp, model.config)
+    blocks = tile_grid(y1 - y0, x1 - x0, block_size, 2 * settings["halo"])
+    state = existing_run(out_dir, stem, settings)
+    if state is not None and state.get("finished"):
+        yield Progress(len(blocks), len(blocks), "already finished: nothing to do")
+        return SlideResult(files["labels"], files["csv"], files["geojson"], state["nuclei"], len(blocks),
+                           state.get("skipped", 0), slide.pixel_size, (y0, x0, y1, x1), len(state["done"]), True)
+    state = state or {"settings": settings, "done": [], "next_id": 1, "nuclei": 0, "finished": False,
+                      "mpp_source": slide.pixel_size.source}
+    out_dir.mkdir(parents=True, exist_ok=True)
     files["parts"].mkdir(exist_ok=True)
     labels = zarr.open_array(str(files["labels"]), mode="a", shape=(y1 - y0, x1 - x0), dtype="int32",
                              chunks=(CHUNK, CHUNK), fill_value=0)
@@ -165,9 +206,15 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
     todo = [k for k, b in enumerate(blocks) if k not in done]
     work = [k for k in todo if has_tissue(blocks[k])]
     skipped = len(todo) - len(work)
+    state["skipped"] = skipped  # blocks without tissue are never "done": counted afresh each run
     resumed = len(done)
-    yield Progress(len(blocks) - len(work), len(blocks),
-                   f"{len(blocks)} blocks, {len(work)} with tissue to do" + (f", {resumed} done before" if resumed else ""))
+    # progress counts tiles of the blocks still to do, so the bar moves every few seconds
+    tiles = [len(plan_tiles((b.y1 - b.y0, b.x1 - b.x0), model.config, slide.pixel_size).tiles)
+             for b in (blocks[k] for k in work)]
+    total = max(1, sum(tiles))
+    clock = _Clock(total)
+    yield Progress(0, total, f"{len(blocks)} blocks, {len(work)} with tissue to do ({total} tiles)"
+                   + (f", {resumed} done before" if resumed else ""))
 
     def read(k: int) -> np.ndarray:
         b = blocks[k]
@@ -179,10 +226,9 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
             rgb = ahead.result()
             ahead = reader.submit(read, work[n + 1]) if n + 1 < len(work) else None
             b = blocks[k]
-            done_before = len(blocks) - len(work) + n
-            det = yield from _within_block(iter_predict(rgb, model, slide.pixel_size, tissue_trained), done_before,
-                                           len(blocks), f"block {n + 1}/{len(work)}")
-            seg = det.refilter(limits.score, limits.nms_iou)
+            det = yield from _within_block(iter_predict(rgb, model, slide.pixel_size, tissue_trained),
+                                           sum(tiles[:n]), clock, f"block {n + 1}/{len(work)}")
+            seg = det.refilter(limits.score, limits.nms_iou, min_area=min_area_px)
             kept = _owned(seg, b)
             first = state["next_id"]
             new_ids = np.arange(first, first + len(kept), dtype=np.int64)
@@ -197,8 +243,8 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
             state["nuclei"] += len(kept)
             state["done"].append(k)
             _write_json(files["progress"], state)
-            yield Progress(len(blocks) - len(work) + n + 1, len(blocks),
-                           f"block {n + 1}/{len(work)}: {state['nuclei']} nuclei so far")
+            yield Progress(sum(tiles[: n + 1]), total, f"block {n + 1}/{len(work)}: {state['nuclei']} nuclei so far"
+                           + clock.eta(sum(tiles[: n + 1])))
     _assemble(files, len(blocks))
     state["finished"] = True
     _write_json(files["progress"], state)
@@ -206,14 +252,35 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
                        slide.pixel_size, (y0, x0, y1, x1), resumed)
 
 
-def _within_block(gen, done: int, total: int, name: str):
-    """A block's tile loop, reported as progress through the slide (Cancel works between tiles)."""
+class _Clock:
+    """Time left, from the pace of the tiles done so far in this run."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.start = total, time.monotonic()
+
+    def eta(self, done: int) -> str:
+        if done <= 0:
+            return ""
+        left = (time.monotonic() - self.start) / done * (self.total - done)
+        return f", about {_duration(left)} left"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def _within_block(gen, done: int, clock: _Clock, name: str):
+    """A block's tile loop, reported as tiles through the slide (Cancel works between tiles)."""
     while True:
         try:
             step = next(gen)
         except StopIteration as stop:
             return stop.value
-        yield Progress(done, total, f"{name}: tile {step.done}/{step.total}")
+        now = done + step.done
+        yield Progress(now, clock.total, f"{name}: tile {step.done}/{step.total}{clock.eta(now)}")
 
 
 def _owned(seg: Segmentation, block: Tile) -> np.ndarray:
@@ -286,17 +353,13 @@ def segment_slide_file(path: str | Path, out_dir: str | Path, model_path: str | 
                        thresholds: Thresholds = Thresholds(), device: str = "cpu",
                        region: tuple[int, int, int, int] | None = None, tissue_only: bool = True,
                        block_size: int = 4096, progress=None) -> dict:
-    """One slide, start to finish (or resumed), as a ``summary.csv`` row; the unit of work
-    a dask worker runs. The model is loaded once per process (``cached_model``)."""
+    """One slide, start to finish (or resumed, or found finished), as a ``summary.csv``
+    row; the unit of work a dask worker runs. The model is loaded once per process
+    (``cached_model``)."""
     from .checkpoint import cached_model
     from .predict import drain
 
     path = Path(path)
-    stem = path.name.split(".")[0]
-    if is_finished(out_dir, stem):
-        state = json.loads(outputs(out_dir, stem)["progress"].read_text())
-        return {"image": str(path), "nuclei": state["nuclei"], "mpp": state["settings"]["mpp"] or "",
-                "note": "already finished: skipped"}
     model, info = cached_model(model_path, device)
     slide = open_slide(path, mpp)
     try:
@@ -304,7 +367,22 @@ def segment_slide_file(path: str | Path, out_dir: str | Path, model_path: str | 
                                           info.name, info.tissue_trained), progress)
     finally:
         slide.close()
+    note = f"{result.blocks} blocks, {result.skipped} without tissue"
+    if result.finished_before:
+        note = "already finished: skipped"
+    elif result.resumed:
+        note += f", {result.resumed} resumed"
     return {"image": str(path), "nuclei": result.nuclei, "mpp": result.pixel_size.mpp or "",
-            "mpp_source": result.pixel_size.source, "tissue_class": "not computed for slides",
-            "note": f"{result.blocks} blocks, {result.skipped} without tissue"
-                    + (f", {result.resumed} resumed" if result.resumed else "")}
+            "mpp_source": result.pixel_size.source, "tissue_class": "not computed for slides", "note": note}
+
+
+def check_slide_outputs(path: str | Path, out_dir: str | Path, config, model_name: str, mpp: float | None,
+                        thresholds: Thresholds, region: tuple[int, int, int, int] | None, block_size: int) -> None:
+    """Before any work: raises ValueError (impossible block size or region) or
+    :class:`SlideOutputsExist` (the folder holds another run's results for this slide)."""
+    slide = open_slide(path, mpp)
+    try:
+        settings = run_settings(slide, config, region, thresholds, block_size, model_name)
+    finally:
+        slide.close()
+    existing_run(out_dir, slide_stem(path), settings)

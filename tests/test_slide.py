@@ -12,10 +12,12 @@ import zarr
 from conftest import OracleModel, image_with_squares, tiny_config
 from napari_bach.config import Thresholds
 from napari_bach.predict import drain, predict
+from napari_bach import slide as slide_module
 from napari_bach.slide import is_finished, iter_segment_slide
 from napari_bach.slideio import is_slide, open_slide
 
 MPP = 0.4
+HALO_UM = slide_module.HALO_UM  # the real one, before small_halo below
 
 
 def write_pyramid(path, rgb, mpp=MPP, tile=128):
@@ -137,8 +139,11 @@ def test_cancel_then_resume_gives_the_uninterrupted_result(tmp_path, squares_sli
         drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "cut", block_size=300))
 
 
-def test_cli_and_a_two_worker_dask_cluster_write_both_slides_and_skip_them_on_rerun(tmp_path, tiny_checkpoint):
+def test_cli_and_a_two_worker_dask_cluster_write_both_slides_and_skip_them_on_rerun(tmp_path, tiny_checkpoint,
+                                                                                     monkeypatch):
     from napari_bach.cli import main
+
+    monkeypatch.setattr("napari_bach.slide.HALO_UM", HALO_UM)  # as in the dask workers' own processes
     from napari_bach.synthetic import synthetic_he
 
     folder = tmp_path / "slides"
@@ -187,6 +192,18 @@ def test_segment_slide_widget_adds_lazy_labels_at_the_slide_scale(make_napari_vi
     assert layer.scale[-1] == pytest.approx(MPP) and tuple(layer.translate) == pytest.approx((40 * MPP, 60 * MPP))
     assert f"{w.result.nuclei} nuclei" in w._status.value and "QuPath" in w._status.value
 
+    # Segment slide again, nothing changed: the results stay (issue 14.1: they were emptied)
+    before = _files(tmp_path / "out")
+    assert len(json.loads(before["s_nuclei.geojson"])["features"]) == w.result.nuclei > 0
+    w.run()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
+    assert _files(tmp_path / "out") == before and "files unchanged" in w._status.value
+    assert viewer.layers["s nuclei"].data.shape == (120, 140)
+    (tmp_path / "taken").write_text("x")  # issue 14.6: a file where the folder should be
+    w._out.value = str(tmp_path / "taken")
+    w.run()
+    assert "exists and is not a folder" in w._status.value and w.worker is None
+
 
 def test_segment_nuclei_refuses_a_whole_slide_layer_with_a_pointer(make_napari_viewer, monkeypatch, squares_slide):
     from napari_bach._qt import common
@@ -198,3 +215,67 @@ def test_segment_nuclei_refuses_a_whole_slide_layer_with_a_pointer(make_napari_v
     w = SegmentWidget(viewer)
     w.run()
     assert "Segment slide" in w._status.value and w.worker is None
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_finished_slide_run_again_is_returned_untouched_and_another_region_is_refused(tmp_path, squares_slide):
+    """Issue 14.1/14.2: re-running into a used folder resumes to identical files or
+    refuses; it never leaves fewer results."""
+    path, _ = squares_slide
+    region = (50, 100, 450, 620)
+    first = drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "out", region, block_size=260))
+    before = _files(tmp_path / "out")
+    assert first.nuclei > 10 and len(json.loads(before["squares_nuclei.geojson"])["features"]) == first.nuclei
+    again = drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "out", region, block_size=260))
+    assert again.finished_before and again.nuclei == first.nuclei and _files(tmp_path / "out") == before
+    with pytest.raises(FileExistsError, match=r"other settings \(region\)"):
+        drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "out", (0, 0, 100, 100), block_size=260))
+    with pytest.raises(FileExistsError, match=r"other settings \(min_area\)"):
+        drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "out", region, Thresholds(min_area=50.0),
+                                 block_size=260))
+    assert _files(tmp_path / "out") == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+        drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "file", region))
+
+
+def test_slide_progress_counts_tiles_with_time_left(tmp_path, squares_slide):
+    path, _ = squares_slide
+    steps = []
+    drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "out", block_size=260), steps.append)
+    totals = {s.total for s in steps}
+    assert len(totals) == 1 and totals.pop() == steps[-1].done > 6  # one bar, in tiles, ends full
+    dones = [s.done for s in steps]
+    assert dones == sorted(dones) and len(set(dones)) > 6  # it moves within blocks, not per block
+    assert any("tile" in s.message and "left" in s.message for s in steps)
+
+
+def test_cli_refuses_another_region_into_a_used_folder_and_bad_slide_arguments(tmp_path, tiny_checkpoint, capsys,
+                                                                               monkeypatch):
+    from napari_bach.cli import main
+    from napari_bach.synthetic import synthetic_he
+
+    monkeypatch.setattr("napari_bach.slide.HALO_UM", HALO_UM)
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_pyramid(folder / "s.tif", synthetic_he((256, 320), mpp=MPP, seed=1)[0])
+    out = tmp_path / "A"
+    argv = ["segment", str(folder), "--out", str(out), "--model", str(tiny_checkpoint), "--score-threshold", "0.3"]
+    assert main(argv + ["--roi", "0,0,300,200"]) == 0
+    assert "s.tif" in capsys.readouterr().err  # a per-slide bar and summary line
+    before = _files(out)
+    assert main(argv + ["--roi", "0,0,100,100"]) == 2
+    assert "other settings (region)" in capsys.readouterr().err
+    assert _files(out) == before  # nothing touched, summary.csv included
+    assert main(argv + ["--roi", "0,0,300,200"]) == 0  # the same run: found finished, files identical
+    with open(out / "summary.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["note"] == "already finished: skipped" and row["mpp_source"] and float(row["mpp"]) == pytest.approx(MPP)
+    assert _files(out)["s_nuclei.csv"] == before["s_nuclei.csv"]
+    for extra, message in ((["--block-size", "10"], "blocks are 1024"), (["--workers", "0"], "1 or more workers")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv + extra)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -83,6 +83,9 @@ class SlideWidget(Container):
         if not out or out == ".":
             self._status.value = "Choose an output folder (labels, CSV and GeoJSON are written there)."
             return
+        if Path(out).exists() and not Path(out).is_dir():
+            self._status.value = f"{out} exists and is not a folder: choose a folder for the results."
+            return
         try:
             region = self._region_px(layer)
         except ValueError as exc:
@@ -108,7 +111,11 @@ class SlideWidget(Container):
                                 units=tuple(layer.units[-2:]), opacity=0.5,
                                 metadata={ROLE_KEY: role, **result.pixel_size.metadata(),
                                           "geojson": str(result.geojson), "csv": str(result.csv)})
-        self._status.value = (f"{result.nuclei} nuclei in {result.blocks} blocks ({result.skipped} without tissue"
-                              + (f", {result.resumed} done before" if result.resumed else "") + ")\n"
+        if result.finished_before:
+            head = f"Already segmented into this folder with these settings: {result.nuclei} nuclei (files unchanged)"
+        else:
+            head = (f"{result.nuclei} nuclei in {result.blocks} blocks ({result.skipped} without tissue"
+                    + (f", {result.resumed} done before" if result.resumed else "") + ")")
+        self._status.value = (head + "\n"
                               f"QuPath: File › Import objects › {result.geojson.name}\n"
                               f"table: {result.csv.name}, labels: {result.labels.name}")

@@ -155,8 +155,8 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
                   mpp: float | None = None, thresholds: Thresholds = Thresholds(), device: str = "cpu",
                   log: Callable[[str], None] = print, progress: bool = False,
                   slides: SlideOptions = SlideOptions(), tta: bool = False) -> tuple[Path, int]:
-    """Segment every image and slide; write ``<stem>_labels.tif`` and ``<stem>_nuclei.csv``
-    (slides: ``_labels.zarr``, ``_nuclei.csv``, ``_nuclei.geojson``) beside the input's
+    """Segment every image and slide; write ``<stem>_labels.tif``, ``<stem>_nuclei.csv`` and
+    ``<stem>_nuclei.geojson`` (QuPath; slides: ``_labels.zarr`` instead of the TIFF) beside the input's
     relative path under ``out``, and ``summary.csv``. ``mpp`` is used for files that do not
     say. Returns the summary path and the number of inputs that failed. Raises
     :class:`OutputClash` before any work when two inputs would write the same files."""
@@ -164,6 +164,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
 
     from .checkpoint import cached_model
     from .export import write_labels_tiff
+    from .geojson import write_geojson
     from .measure import hematoxylin, measure_nuclei
     from .predict import predict
     from .report import write_nuclei_csv
@@ -218,6 +219,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         job.output(out, "").parent.mkdir(parents=True, exist_ok=True)
         write_labels_tiff(job.output(out, "_labels.tif"), seg.labels, pixel_size.mpp)
         write_nuclei_csv(job.output(out, "_nuclei.csv"), table)
+        write_geojson(job.output(out, "_nuclei.geojson"), seg, table, info.name)
         row = {"image": str(job.path), "mpp": pixel_size.mpp or "", "mpp_source": pixel_size.source,
                "nuclei": len(seg.ids), "tissue_class": "not trained"}
         if det.tissue_probs is not None:
@@ -238,8 +240,32 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     return out / "summary.csv", failed
 
 
-def view(image: str | None, segment: bool, screenshot: str | None = None) -> None:
-    """Open napari with the image (or the sample) and the docked widget."""
+def display_problem() -> str | None:
+    """Why napari cannot open a window here (Linux without an X or Wayland display), or None."""
+    import os
+
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM", "").startswith(("offscreen", "vnc")):
+        return None
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    return ("napari needs a display and none is set (no DISPLAY or WAYLAND_DISPLAY). Run it from a desktop "
+            "session, over ssh -X, or on a virtual screen: xvfb-run -a python -m napari_bach view ... "
+            "(for results without a window, use python -m napari_bach segment)")
+
+
+def check_readable(image: str) -> None:
+    """Raises ImageReadError (or SlideReadError) for a file napari-bach cannot open."""
+    from .slideio import is_slide, open_slide
+
+    if is_slide(image):
+        open_slide(image).close()
+    else:
+        read_image(image)
+
+
+def view(image: str | None, segment: bool, screenshot: str | None = None) -> int:
+    """Open napari with the image (or the sample) and the docked widget; returns the exit
+    code (a screenshot run fails when the image or the segmentation does)."""
     import napari
 
     from . import model  # noqa: F401  torch before napari's OpenGL canvas (see napari_bach/__init__.py)
@@ -260,10 +286,23 @@ def view(image: str | None, segment: bool, screenshot: str | None = None) -> Non
             QApplication.processEvents()
         for _ in range(5):  # let the dock re-layout its wrapped status lines
             QApplication.processEvents()
+        for toast in _notification_toasts(viewer):  # they would cover the scale bar and the image
+            toast.close()
+        QApplication.processEvents()
         viewer.screenshot(screenshot, canvas_only=False)
+        ok = widget.result is not None
         viewer.close()
-        return
+        if not ok:
+            print(f"error: segmentation failed: {widget._status.value}", file=sys.stderr)
+        return EXIT_OK if ok else EXIT_FAILED
     napari.run()
+    return EXIT_OK
+
+
+def _notification_toasts(viewer) -> list:
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    return viewer.window._qt_window.findChildren(NapariQtNotification)
 
 
 # -- argument types: a bad value is an argparse error (exit 2, one line), not a traceback --
@@ -356,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--screenshot", metavar="PNG", help="segment, save a window screenshot to this PNG and quit")
     s = sub.add_parser("segment", help="segment images headlessly",
                        description="Writes OUT/<relative path>_labels.tif (int32 labels with µm/px tags), "
-                                   "OUT/<relative path>_nuclei.csv and OUT/summary.csv. Exit code 1 when any "
+                                   "OUT/<relative path>_nuclei.csv, OUT/<relative path>_nuclei.geojson (QuPath "
+                                   "detections: File > Import objects) and OUT/summary.csv. Exit code 1 when any "
                                    "input could not be read, 2 for wrong arguments or model.")
     s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (searched recursively)")
     s.add_argument("--out", required=True, type=_out_folder, help="output folder (created if missing)")
@@ -394,8 +434,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.image and not Path(args.image).is_file():
             print(f"error: {args.image}: no such file", file=sys.stderr)
             return EXIT_USAGE
-        view(args.image, args.segment, args.screenshot)
-        return EXIT_OK
+        problem = display_problem()
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.image:
+            from .slideio import SlideReadError
+
+            try:
+                check_readable(args.image)
+            except (ImageReadError, SlideReadError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+        return view(args.image, args.segment, args.screenshot)
     from .checkpoint import CheckpointError
 
     try:

@@ -25,6 +25,7 @@ import numpy as np
 
 from .config import Thresholds
 from .detections import Segmentation
+from .geojson import geojson_features, polygons
 from .measure import COLUMNS, hematoxylin, measure_nuclei
 from .pixelsize import PixelSize
 from .predict import Progress, iter_predict, plan_tiles
@@ -119,42 +120,6 @@ def _write_json(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh)
     os.replace(tmp, path)
-
-
-def polygons(labels: np.ndarray, ids: np.ndarray, offset: tuple[int, int]) -> list[list[list[float]]]:
-    """One closed outer ring per nucleus (x, y in level-0 pixels), from its mask's contour."""
-    from scipy import ndimage
-    from skimage.measure import approximate_polygon, find_contours
-
-    rings = []
-    slices = ndimage.find_objects(labels)
-    for i in ids:
-        sl = slices[i - 1]
-        mask = np.pad(labels[sl] == i, 1)
-        contour = max(find_contours(mask.astype(np.uint8), 0.5), key=len)
-        contour = approximate_polygon(contour, 0.5)
-        ys = contour[:, 0] - 1 + sl[0].start + offset[0]
-        xs = contour[:, 1] - 1 + sl[1].start + offset[1]
-        ring = np.stack([xs, ys], axis=1).round(2).tolist()
-        if ring[0] != ring[-1]:
-            ring.append(ring[0])
-        rings.append(ring)
-    return rings
-
-
-def geojson_features(rings: list, table: dict, start: int, model_name: str) -> list[dict]:
-    """QuPath detections: a polygon, ``objectType: detection``, measurements and score."""
-    features = []
-    keys = [c for c in COLUMNS if c not in ("index", "box_x0", "box_y0", "box_x1", "box_y1")]
-    for k, ring in enumerate(rings):
-        measurements = {c: float(table[c][k]) for c in keys if np.isfinite(table[c][k])}
-        features.append({"type": "Feature", "id": f"nucleus-{start + k}",
-                         "geometry": {"type": "Polygon", "coordinates": [ring]},
-                         "properties": {"objectType": "detection", "name": f"nucleus {start + k}",
-                                        "classification": {"name": "Nucleus", "color": [0, 200, 0]},
-                                        "measurements": measurements, "label": start + k,
-                                        "model": model_name}})
-    return features
 
 
 def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[int, int, int, int] | None = None,
@@ -313,9 +278,8 @@ def _write_part(parts: Path, k: int, seg: Segmentation, rgb: np.ndarray, offset:
 
     write_nuclei_csv(parts / f"{k}.csv", table)
     rings = polygons(seg.labels, seg.ids, offset) if len(seg.ids) else []
-    start = int(seg.ids[0]) if len(seg.ids) else 0
     with open(parts / f"{k}.geojsonl", "w") as fh:
-        for feature in geojson_features(rings, table, start, model_name):
+        for feature in geojson_features(rings, table, seg.ids, model_name):
             fh.write(json.dumps(feature) + "\n")
 
 

@@ -28,6 +28,16 @@ def test_segment_writes_labels_tables_and_summary(tmp_path, tiny_checkpoint):
     with open(out / "is004_nuclei.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == labels.max() and {"index", "score", "area_um2", "box_x0"} <= set(rows[0])
+    # QuPath detections for single images too (issue 14.12): one closed polygon per nucleus
+    import json
+
+    features = json.loads((out / "is004_nuclei.geojson").read_text())["features"]
+    assert len(features) == len(rows) and all(f["properties"]["objectType"] == "detection" for f in features)
+    ring = features[0]["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and len(ring) >= 4
+    box = [float(rows[0][k]) for k in ("box_x0", "box_y0", "box_x1", "box_y1")]  # the mask lies in its box
+    assert box[0] - 1.5 <= min(p[0] for p in ring) and max(p[0] for p in ring) <= box[2] + 1.5
+    assert box[1] - 1.5 <= min(p[1] for p in ring) and max(p[1] for p in ring) <= box[3] + 1.5
     with open(out / "summary.csv") as fh:
         summary = {r["image"].rsplit("/", 1)[-1]: r for r in csv.DictReader(fh)}
     assert summary["is004.tif"]["nuclei"] == str(labels.max())
@@ -150,3 +160,18 @@ def test_unknown_pixel_size_is_said_and_sizes_stay_in_pixels(tmp_path, tiny_chec
     with open(out / "plain_nuclei.csv") as fh:
         nuclei = list(csv.DictReader(fh))
     assert nuclei and all(r["area_um2"] == "nan" and float(r["area_px"]) > 0 for r in nuclei)
+
+
+def test_view_of_a_corrupt_image_fails_and_view_without_a_display_says_so(tmp_path):
+    """Issue 14.3 and 14.10: a scripted `view --screenshot` of a broken file exited 0 with
+    an empty viewer; without a display Qt aborted (exit 134)."""
+    import os
+
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    proc = subprocess.run([sys.executable, "-m", "napari_bach", "view", str(tmp_path / "corrupt.png"), "--screenshot",
+                           str(tmp_path / "out.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "corrupt.png" in proc.stderr and not (tmp_path / "out.png").exists()
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    proc = subprocess.run([sys.executable, "-m", "napari_bach", "view"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and "xvfb-run" in proc.stderr and "Traceback" not in proc.stderr

@@ -138,6 +138,11 @@ def test_figure_and_report_contain_what_the_widget_shows(segmented, tmp_path):
     assert pdf.startswith(b"%PDF") and f"nuclei={n}".encode() in pdf and b"tissue_class=not trained" in pdf
     rows = (tmp_path / "report_nuclei.csv").read_text().splitlines()
     assert len(rows) == n + 1 and rows[0].startswith("index,score,area_um2")
+    import json
+
+    features = json.loads((tmp_path / "report_nuclei.geojson").read_text())["features"]
+    assert len(features) == n and "report_nuclei.geojson" in cur._status.value
+    assert {f["properties"]["label"] for f in features} == set(np.unique(viewer.layers["b007 nuclei"].data)[1:].tolist())
 
 
 def test_npe2_writer_exports_a_sample(tmp_path):

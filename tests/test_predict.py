@@ -103,3 +103,19 @@ def test_flip_tta_maps_every_view_back_and_keeps_each_object_once():
     seg = tta.refilter(0.5, 0.5)
     np.testing.assert_array_equal(seg.labels > 0, plain.labels > 0)
     assert len(seg.ids) == len(squares) and tta.tissue_probs.argmax() == 2
+
+
+def test_minimum_area_drops_small_candidates_and_fragments_left_by_overlaps():
+    """Issue 14.4: 1–7 px "nuclei" were kept. A small candidate, and what a larger one
+    leaves visible of a lower-scoring one under it, are both dropped; pixels too."""
+    from napari_bach.detections import Detections
+
+    crops = [np.ones((10, 10), bool), np.ones((2, 2), bool), np.ones((10, 12), bool)]
+    offsets = np.array([[0, 0], [30, 30], [0, 0]])  # the third lies under the first but for a 10×2 strip
+    boxes = np.array([[0, 0, 10, 10], [30, 30, 32, 32], [0, 0, 12, 10]], np.float32)
+    det = Detections((40, 40), boxes, np.array([0.9, 0.8, 0.7], np.float32), offsets, crops)
+    everything = det.refilter(0.5, 1.0)
+    assert list(everything.ids) == [1, 2, 3]
+    kept = det.refilter(0.5, 1.0, min_area=25)
+    assert list(kept.ids) == [1] and set(np.unique(kept.labels)) == {0, 1}
+    assert (kept.labels == 1).sum() == 100

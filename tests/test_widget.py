@@ -238,3 +238,46 @@ def test_a_failed_run_resets_progress_and_a_new_run_clears_the_status(viewer, qt
     assert w._status.value == "Starting…" and w._progress.value == 0
     qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
     assert "Failed" not in w._status.value and "nuclei" in w._status.value
+
+
+def test_outlines_boxes_minimum_area_view_and_counts_as_peers_show_them(viewer, qtbot, tiny_checkpoint):
+    """Issue 14.4, 14.5, 14.9 and 14.12: nuclei as outlines with boxes hidden (a checkbox
+    shows them), fragments under the model's minimum area dropped (in µm², or px when the
+    µm/px is unknown), the camera kept on the image when it changes to µm, and the Correct
+    dock's count following the sliders."""
+    from napari_bach._qt.curate_widget import CurateWidget
+
+    rgb, _ = synthetic_he((200, 240), seed=3)
+    viewer.add_image(rgb, name="he", rgb=True)
+    w = _widget(viewer, tiny_checkpoint)
+    assert w._min_area.value == 3.0  # the model's own default, in µm²
+    w._mpp.value = 0.42  # typed: the image switches from pixels to µm
+    _run_and_wait(qtbot, w)
+    labels, boxes = viewer.layers["he nuclei"], viewer.layers["he boxes"]
+    assert labels.contour == 1 and not boxes.visible
+    w._show_boxes.value = True
+    assert boxes.visible
+    w._outlines.value = False
+    assert labels.contour == 0
+    # the camera followed the image into µm (it used to stay on pixel coordinates)
+    assert viewer.camera.center[-2:] == pytest.approx((100 * 0.42, 120 * 0.42), abs=2)
+    areas = {i: a for i, a in zip(labels.features["index"], labels.features["area_px"])}
+    assert min(areas.values()) >= 3.0 / 0.42**2  # no fragment below 3 µm²
+    cur = CurateWidget(viewer)
+    viewer.window.add_dock_widget(cur)
+    n = len(labels.features)
+    assert f"{n} nuclei" in cur._status.value and f"{n} nuclei" in w._status.value
+    w._min_area.value = 60.0
+    qtbot.wait(5)
+    shown = np.unique(labels.data)[1:]
+    assert len(shown) < n and all(areas[i] >= 60 / 0.42**2 for i in shown)
+    w.measure()
+    assert f"{len(shown)} nuclei" in cur._status.value and f"{len(shown)} nuclei" in w._status.value
+
+    # unknown µm/px: the minimum is in pixels, at the model's own scale
+    viewer.add_image(rgb, name="plain", rgb=True)
+    w._image.value = viewer.layers["plain"]
+    w._min_area.value = 3.0
+    _run_and_wait(qtbot, w)
+    model_mpp = w.result.model_mpp  # 0.4 for the tiny model
+    assert w._area_row.label == "Min area px" and w._min_area.value == pytest.approx(3.0 / model_mpp**2, abs=0.1)

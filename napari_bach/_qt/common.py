@@ -162,7 +162,11 @@ def put_result_layer(viewer, data, kwargs: dict, layer_type: str) -> None:
     replaced, never stacked."""
     layer = find_result_layer(viewer, kwargs["metadata"][ROLE_KEY])
     if layer is None:
-        getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+        kwargs = dict(kwargs)
+        style = {k: kwargs.pop(k) for k in ("contour",) if k in kwargs}  # not add_labels arguments
+        layer = getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+        for name, value in style.items():
+            setattr(layer, name, value)
         return
     if layer.data is not data:
         layer.data = data

@@ -16,6 +16,7 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label
 from ..config import BACH_CLASSES
 from ..edit import delete_label, next_free_label, relabel_consecutive, remove_small, segmentation_from_labels
 from ..export import SampleExistsError, export_sample
+from ..geojson import write_geojson
 from ..measure import hematoxylin, measure_nuclei
 from ..report import report_numbers, write_nuclei_csv, write_report
 from .common import check_output_file, layer_rgb, layer_tissue_class, put_result_layer, result_pixel_size, row, wrap
@@ -48,13 +49,15 @@ class CurateWidget(Container):
         self._figure = FileEdit(label="Figure file", mode="w", filter="*.png")
         self._save_figure = PushButton(text="Save figure")
         self._report = FileEdit(label="Report file", mode="w", filter="*.pdf")
-        self._save_report = PushButton(text="Save report (+ nuclei CSV)")
+        self._save_report = PushButton(text="Save report, CSV, GeoJSON",
+                                       tooltip="the PDF report, the per-nucleus table and QuPath detections "
+                                               "(File › Import objects) beside it")
         self._status = Label(label="Status", value="")
         wrap(self._status)
-        self.extend([self._image, self._nuclei, row(self._new, self._delete), self._min_area,
-                     row(self._remove_small, self._relabel), self._tissue, self._dataset, self._sample,
-                     self._on_exists, self._export, self._figure_mode, self._figure, self._save_figure, self._report,
-                     self._save_report, self._status])
+        self.extend([self._image, self._nuclei, row(self._new, self._delete, self._relabel),
+                     row(self._min_area, self._remove_small, label="Min area µm²"), self._tissue, self._dataset,
+                     self._sample, self._on_exists, self._export, self._figure_mode, self._figure, self._report,
+                     row(self._save_figure, self._save_report), self._status])
         self.numbers: dict | None = None
         self._new.changed.connect(self.paint_new)
         self._delete.changed.connect(self.delete_selected)
@@ -79,7 +82,15 @@ class CurateWidget(Container):
         """Re-sync boxes and table after every paint stroke."""
         if layer is not None and not getattr(layer, "_napari_bach_watched", False):
             layer.events.paint.connect(lambda e: self.sync())
+            # Segment nuclei's sliders rewrite the table: the count here follows, never stale
+            layer.events.features.connect(lambda e, layer=layer: self._show_count(layer))
             layer._napari_bach_watched = True
+        if layer is not None:
+            self._show_count(layer)
+
+    def _show_count(self, layer) -> None:
+        if layer is self._nuclei.value and "index" in layer.features:
+            self._say(f"{len(layer.features)} nuclei in {layer.name}")
 
     def _say(self, text: str) -> None:
         self._status.value = text
@@ -230,7 +241,9 @@ class CurateWidget(Container):
                     if self._tissue.value != FROM_MODEL else "no"}
         write_report(path, image.name, rgb, np.asarray(nuclei.data), self.numbers, settings)
         csv_path = write_nuclei_csv(path.with_name(f"{path.stem}_nuclei.csv"), table)
+        seg = segmentation_from_labels(np.asarray(nuclei.data), pixel_size=self.pixel_size())
+        geojson = write_geojson(path.with_name(f"{path.stem}_nuclei.geojson"), seg, table, m.get("model_name", ""))
         n = self.numbers
-        self._say(f"saved {path.name} and {csv_path.name}: {n['nuclei']} nuclei"
+        self._say(f"saved {path.name}, {csv_path.name} and {geojson.name} (QuPath): {n['nuclei']} nuclei"
                   + (f", {n['density_per_tissue_mm2']:.0f}/mm² tissue" if n.get("mpp") else ""))
         return path

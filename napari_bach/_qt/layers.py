@@ -10,6 +10,7 @@ import numpy as np
 from ..detections import Segmentation
 
 ROLE_KEY = "napari_bach"
+OUTLINE_PX = 1  # napari Labels contour thickness (screen-independent data pixels)
 
 
 def box_corners(boxes: np.ndarray) -> list[np.ndarray]:
@@ -18,15 +19,19 @@ def box_corners(boxes: np.ndarray) -> list[np.ndarray]:
 
 
 def result_layers(seg: Segmentation, source: str, placement: dict, features: dict | None = None,
-                  metadata: dict | None = None, boxes: bool = True) -> list[tuple | None]:
+                  metadata: dict | None = None, boxes: bool = True, outlines: bool = True,
+                  show_boxes: bool = False) -> list[tuple | None]:
     """Labels of nuclei (with the per-nucleus table) and Shapes of their boxes (None
     without ``boxes``: a slider step updates the labels alone).
 
-    ``placement`` holds the source image's ``scale`` and ``units`` so overlays line up."""
+    ``placement`` holds the source image's ``scale`` and ``units`` so overlays line up.
+    Nuclei are drawn as outlines (napari's label contours, as QuPath and stardist-napari
+    users see them) unless ``outlines`` is False; boxes are hidden unless ``show_boxes``."""
     meta = dict(metadata or {})
     table = features if features is not None else {"index": seg.ids, "score": seg.scores}
     labels = (seg.labels, {
-        "name": f"{source} nuclei", **placement, "features": table, "opacity": 0.5,
+        "name": f"{source} nuclei", **placement, "features": table, "opacity": 0.9 if outlines else 0.5,
+        "contour": OUTLINE_PX if outlines else 0,
         "metadata": {**meta, ROLE_KEY: {"role": "nuclei", "source": source}},
     }, "labels")
     if not boxes:
@@ -36,7 +41,7 @@ def result_layers(seg: Segmentation, source: str, placement: dict, features: dic
     box_layer = (rectangles, {
         "name": f"{source} boxes", **placement,
         "features": {"index": seg.ids, "score": seg.scores}, "edge_color": "yellow",
-        "face_color": "transparent", "edge_width": 1.0, "visible": len(seg.ids) <= 3000,
+        "face_color": "transparent", "edge_width": 1.0, "visible": show_boxes and len(seg.ids) <= 3000,
         "text": {"string": "{score:.2f}", "size": 8, "color": "yellow", "visible": False},
         "metadata": {ROLE_KEY: {"role": "boxes", "source": source}},
     }, "shapes")

@@ -20,12 +20,13 @@ from ..pixelsize import EXPLICIT, PixelSize
 from ..predict import iter_predict
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, image_and_placement,
                      layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, tissue_text, wrap)
-from .layers import result_layers
+from .layers import OUTLINE_PX, result_layers
 
 if TYPE_CHECKING:
     import napari
 
 MEASURE_DELAY_MS = 300  # the full table waits until the slider rests
+AREA_UM2, AREA_PX = "Min area µm²", "Min area px"
 
 
 def _segment(rgb: np.ndarray, model_path: Path, device: str, pixel_size: PixelSize, tta: bool):
@@ -69,6 +70,12 @@ class SegmentWidget(Container):
         self._score = FloatSlider(label="Score threshold", min=cfg.candidate_score, max=1.0, step=0.01,
                                   value=cfg.default_score_threshold)
         self._nms = FloatSlider(label="NMS IoU", min=0.1, max=cfg.candidate_nms, step=0.01, value=cfg.default_nms_iou)
+        # µm² when the result's µm/px is known, else pixels (the label says which)
+        self._min_area = FloatSpinBox(label=AREA_UM2, min=0.0, max=1000.0, step=0.5, value=cfg.default_min_area,
+                                      tooltip="smaller objects are fragments, not nuclei (the model's default)")
+        self._outlines = CheckBox(text="outlines", value=True, tooltip="nuclei as outlines, or filled labels")
+        self._show_boxes = CheckBox(text="boxes", value=False, tooltip="a rectangle with its score per nucleus")
+        self._area_row = row(self._min_area, self._outlines, self._show_boxes, label=AREA_UM2)
         self._run = PushButton(text="Segment nuclei")
         self._tissue = Label(label="Result", value="")
         self.task = BackgroundTask(self, [self._run])
@@ -76,7 +83,7 @@ class SegmentWidget(Container):
         self.result: Result | None = None
         self._layer_pixel_size = PixelSize(None)
         self.extend([self._image, self.model.choice, self.model.file, row(self.model.device, self._tta, label="Device"),
-                     self._mpp, self._score, self._nms,
+                     self._mpp, self._score, self._nms, self._area_row,
                      row(self._run, self._cancel), self._progress, self._status, self._tissue])
         wrap(self._tissue)
         from qtpy.QtCore import QTimer
@@ -94,6 +101,9 @@ class SegmentWidget(Container):
         self._run.changed.connect(self.run)
         self._score.changed.connect(lambda _: self._refilter_timer.start())
         self._nms.changed.connect(lambda _: self._refilter_timer.start())
+        self._min_area.changed.connect(lambda _: self._refilter_timer.start())
+        self._outlines.changed.connect(self._restyle)
+        self._show_boxes.changed.connect(self._restyle)
         self.model.on_change(self._use_model_thresholds)
         self._on_image_changed(self._image.value)
         self._show_model_status()
@@ -117,9 +127,11 @@ class SegmentWidget(Container):
             cfg = None  # said when the user runs it
         if cfg is not None:
             limits = Thresholds().resolve(cfg)
-            with self._score.changed.blocked(), self._nms.changed.blocked():  # one refilter, not two
-                self._score.value = limits.score
+            with self._score.changed.blocked(), self._nms.changed.blocked(), self._min_area.changed.blocked():
+                self._score.value = limits.score  # one refilter, not three
                 self._nms.value = min(limits.nms_iou, self._nms.max)
+                known = self.result is None or self.result.det.pixel_size.known
+                self._min_area.value = limits.min_area if known else round(limits.min_area / cfg.mpp**2, 1)
             self.refilter()
 
     def _on_image_changed(self, layer) -> None:
@@ -172,7 +184,14 @@ class SegmentWidget(Container):
             layer.units = (*layer.units[:-2], "um", "um")
             layer.metadata = {**(layer.metadata or {}), **ps.metadata()}
             placement = {"scale": tuple(layer.scale[-2:]), "units": tuple(layer.units[-2:])}
+            self._viewer.reset_view()  # the image changed size on screen: keep it in view
+        was_known = self.result is None or self.result.det.pixel_size.known
         self.result = Result(det, info, hema, model_mpp, source, placement, known, edits)
+        if ps.known != was_known:  # the minimum area changes units with the result's µm/px
+            with self._min_area.changed.blocked():
+                factor = model_mpp**2 if ps.known else 1 / model_mpp**2
+                self._min_area.value = round(float(self._min_area.value) * factor, 1)
+        self._area_row.label = AREA_UM2 if ps.known else AREA_PX
         self._tissue.value = tissue_text(det.tissue_probs, det.classes, known)
         self.refilter()
         self.measure()
@@ -203,7 +222,7 @@ class SegmentWidget(Container):
             return
         r = self.result
         self._absorb_edits()
-        r.seg = r.det.refilter(float(self._score.value), float(self._nms.value), r.edits)
+        r.seg = r.det.refilter(float(self._score.value), float(self._nms.value), r.edits, self._min_area_px())
         layer = self._labels_layer()
         if layer is not None and layer.data.shape == r.seg.labels.shape:
             # Only the nuclei that appear or disappear are written: a partial redraw, not
@@ -217,6 +236,23 @@ class SegmentWidget(Container):
         self._measure_timer.start()
         if self.task.worker is None:
             self._status.value = self._count_text()
+
+    def _min_area_px(self) -> float:
+        value = float(self._min_area.value)
+        ps = self.result.det.pixel_size
+        return value / ps.mpp**2 if ps.known else value
+
+    def _restyle(self, *_) -> None:
+        """Outlines or filled labels, boxes shown or hidden: the layers as they are."""
+        if self.result is None:
+            return
+        labels = self._labels_layer()
+        if labels is not None:
+            labels.contour = OUTLINE_PX if self._outlines.value else 0
+            labels.opacity = 0.9 if self._outlines.value else 0.5
+        boxes = find_result_layer(self._viewer, {"role": "boxes", "source": self.result.source})
+        if boxes is not None:
+            boxes.visible = bool(self._show_boxes.value)
 
     def measure(self) -> None:
         """The per-nucleus table (µm at the result's own µm/px) and the boxes layer."""
@@ -233,7 +269,9 @@ class SegmentWidget(Container):
             "score_threshold": float(self._score.value), "nms_iou": float(self._nms.value),
             "first_free_id": r.edits.first_free, **r.det.pixel_size.metadata(),
         }
-        labels, box_layer = result_layers(r.seg, r.source, r.placement, features, meta, boxes=boxes)
+        meta["min_area_px"] = self._min_area_px()
+        labels, box_layer = result_layers(r.seg, r.source, r.placement, features, meta, boxes=boxes,
+                                          outlines=bool(self._outlines.value), show_boxes=bool(self._show_boxes.value))
         put_result_layer(self._viewer, *labels)
         if box_layer is not None:
             put_result_layer(self._viewer, *box_layer)

@@ -149,6 +149,7 @@ def iter_anchors_in_region(generator: AnchorGenerator, image_hw: tuple[int, int]
 class Proposals:
     boxes: np.ndarray  # x0 y0 x1 y1 image pixels
     scores: np.ndarray  # objectness (sigmoid)
+    count: int = 0  # proposals at this stage in the region, of which the top k are shown
 
 
 def iter_proposals(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None,
@@ -182,10 +183,10 @@ def iter_proposals(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None
         all_scores.append(scores.float().cpu()[own])
     boxes, scores = torch.cat(all_boxes), torch.cat(all_scores)
     order = scores.argsort(descending=True)
-    after = nms(boxes, scores, nms_iou)[:k]
+    kept = nms(boxes, scores, nms_iou)
     offset = np.array([x0, y0, x0, y0], np.float32)
 
-    def to_image(idx) -> Proposals:
-        return Proposals(boxes[idx].numpy() + offset, scores[idx].numpy())
+    def to_image(idx, count: int) -> Proposals:
+        return Proposals(boxes[idx].numpy() + offset, scores[idx].numpy(), count)
 
-    return to_image(order[:k]), to_image(after)
+    return to_image(order[:k], len(order)), to_image(kept[:k], len(kept))

@@ -77,7 +77,13 @@ def test_proposals_before_and_after_nms_through_the_worker(make_napari_viewer, q
     before, after = viewer.layers["proposals before NMS"], viewer.layers["proposals after NMS"]
     assert len(before.data) == 40 and 0 < len(after.data) <= 40
     assert "objectness" in before.features and (np.diff(before.features["objectness"]) <= 0).all()
-    assert "after NMS" in w._status.value
+    # issue 14.11: "top 40 before NMS, 40 after" read as if NMS removed nothing
+    import re
+
+    status = w._status.value
+    kept, total = (int(n.replace(",", "")) for n in re.search(r"kept ([\d,]+) of the ([\d,]+)", status).groups())
+    assert len(after.data) <= kept < total
+    assert "the 40 best before NMS (magenta)" in status and before.edge_color[0].tolist() != [1, 1, 0, 1]
 
 
 def test_errors_are_reported_in_the_widget(make_napari_viewer, tiny_checkpoint, tmp_path):

@@ -84,6 +84,7 @@ def test_proposals_before_and_after_nms(tiny_checkpoint):
         before, after = stop.value
     assert progress[-1].done == progress[-1].total > 1
     assert len(before.boxes) == 50 and len(after.boxes) <= 50
+    assert before.count > after.count >= len(after.boxes)  # what NMS compared and kept, not the top-k cut
     assert (np.diff(before.scores) <= 0).all() and (np.diff(after.scores) <= 0).all()
     assert before.boxes[:, 0].min() >= 20 - 1e-3 and before.boxes[:, 2].max() <= 280 + 1e-3
     pair = box_iou(torch.from_numpy(after.boxes), torch.from_numpy(after.boxes)).fill_diagonal_(0)

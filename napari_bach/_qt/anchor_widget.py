@@ -150,11 +150,13 @@ class AnchorWidget(Container):
 
     def _on_proposals(self, out, placement: dict) -> None:
         before, after = out
-        for name, p, colour in (("proposals before NMS", before, "orange"), ("proposals after NMS", after, "cyan")):
+        # magenta and cyan: apart from the yellow nucleus boxes and the green/red/grey anchors
+        for name, p, colour in (("proposals before NMS", before, "magenta"), ("proposals after NMS", after, "cyan")):
             self._put(name, [(b, "rectangle") for b in box_corners(p.boxes)], edge_color=colour, edge_width=0.7,
                       features={"objectness": p.scores}, **placement)
-        self._status.value = (f"top {len(before.boxes)} proposals before NMS,\n{len(after.boxes)} after NMS "
-                              f"(IoU {self._nms.value:.2f});\nobjectness in the layers' features")
+        self._status.value = (f"NMS at IoU {self._nms.value:.2f} kept {after.count:,} of the {before.count:,} "
+                              f"proposals in the region.\nShown: the {len(before.boxes)} best before NMS (magenta) "
+                              f"and the {len(after.boxes)} best after it (cyan); objectness in the layers' features")
 
 
 def _anchors(generator, image_hw, factor, regions, levels, gt, fg, bg, cap):

@@ -4,8 +4,14 @@ Prints, per model: segment time, peak RSS, candidates, and refilter latency (med
 for the model's own candidates and for exactly 2000 candidates. Each model runs in its own
 process so peak RSS is its own.
 
-    python bench/segment.py                 # shipped default (R18) and an R50 with paper heads
-    python bench/segment.py --image x.tif   # a real image instead of the synthetic one
+    python bench/segment.py                          # shipped default and an R50 with paper heads
+    python bench/segment.py --image bach             # real tissue: a mosaic of ../shared's BACH crops
+    python bench/segment.py --image x.tif            # any image
+    python bench/segment.py --models default old.pt  # checkpoint files side by side, same run
+
+``--image bach`` tiles the real BACH slide crops of ``../shared/data/bach-wsi-crops``
+(0.467 µm/px), rescaled to BACH's 0.42 µm/px, into one 2048×1536 image (nothing is
+written to disk); without ``../shared`` it falls back to the synthetic image.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -31,14 +38,16 @@ def one(model: str, image: str | None, threads: int) -> dict:
     from napari_bach.synthetic import synthetic_he
 
     torch.set_num_threads(threads)
-    if image:
+    if image == "bach" and BACH_CROPS.is_dir():
+        rgb, mpp, image = bach_mosaic(), 0.42, "BACH slide crops, 2048x1536 mosaic at 0.42 um/px"
+    elif image and image != "bach":
         data = read_image(image)
         rgb, mpp = data.rgb, data.mpp or 0.42
     else:
-        rgb, mpp = synthetic_he((1536, 2048), mpp=0.42, seed=0)[0], 0.42
-    if model == "default":
-        net, info = load_checkpoint(DEFAULT_MODEL)
-        label = f"{net.config.backbone} shipped default ({info.status})"
+        rgb, mpp, image = synthetic_he((1536, 2048), mpp=0.42, seed=0)[0], 0.42, None
+    if model == "default" or model.endswith(".pt"):
+        net, info = load_checkpoint(DEFAULT_MODEL if model == "default" else model)
+        label = f"{model}: {net.config.backbone} at {net.config.mpp:g} um/px ({info.status})"
     else:
         torch.manual_seed(0)
         net = build_model(ModelConfig.preset(model)).eval()
@@ -69,6 +78,31 @@ def one(model: str, image: str | None, threads: int) -> dict:
                          [det.crops[i] for i in idx], candidate_nms=det.candidate_nms)
         out["refilter_2000_ms"] = round(latency(sub), 1)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+BACH_CROPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bach-wsi-crops"
+
+
+def bach_mosaic(shape: tuple[int, int] = (1536, 2048), source_mpp: float = 0.467, mpp: float = 0.42) -> np.ndarray:
+    """Real BACH tissue at BACH's scale: the slide crops, rescaled, tiled row by row."""
+    from skimage.transform import rescale
+
+    from napari_bach.imageio import read_image
+
+    crops = [rescale(read_image(p).rgb, source_mpp / mpp, order=1, channel_axis=-1, preserve_range=True)
+             .astype(np.uint8) for p in sorted(BACH_CROPS.glob("*.png"))]
+    out = np.full((*shape, 3), 255, np.uint8)
+    y = x = k = 0
+    size = crops[0].shape[0]
+    while y < shape[0]:
+        crop = crops[k % len(crops)]
+        h, w = min(size, shape[0] - y), min(size, shape[1] - x)
+        out[y:y + h, x:x + w] = crop[:h, :w]
+        k += 1
+        x += size
+        if x >= shape[1]:
+            x, y = 0, y + size
     return out
 
 

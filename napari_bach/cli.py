@@ -212,7 +212,8 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
             bar.n = step.done
             bar.refresh()
 
-        det = predict(data.rgb, model, pixel_size, tissue_trained=info.tissue_trained, progress=tick, tta=tta)
+        det = predict(data.rgb, model, pixel_size, tissue_trained=info.tissue_trained, progress=tick, tta=tta,
+                      score_floor=limits.score)  # masks only for nuclei the threshold keeps
         tiles.close()
         seg = det.refilter(limits.score, limits.nms_iou, min_area=limits.min_area_px(pixel_size.mpp, cfg)).consecutive()
         table = measure_nuclei(seg, hematoxylin(data.rgb))

@@ -7,6 +7,7 @@ probabilities and are pasted box-locally by :mod:`napari_bach.paste`.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -60,10 +61,16 @@ class BachMaskRCNN(MaskRCNN):
         self.config = config
         self.transform = _TileTransform(0, 0, list(config.mean), list(config.std), size_divisible=32)
         self.tissue_head = TissueHead(backbone.out_channels, len(config.tissue_classes))
+        self._floor_lock = threading.Lock()
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None, tissue_only: bool = False):
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None, tissue_only: bool = False,
+                score_floor: float | None = None):
         """Training: dict of losses. Eval: per image dict with boxes, scores, masks
         (N×1×28×28 probabilities, not pasted) and tissue_logits.
+
+        ``score_floor`` (eval): keep candidates from this score up instead of the cached
+        floor (``config.candidate_score``), so masks are computed only for nuclei a known
+        threshold will show: headless runs (CLI, slides) know it before the network runs.
 
         ``tissue_only`` (training): images with a tissue class but no nucleus outlines
         train the backbone and tissue head alone; through ``forward`` so that
@@ -76,7 +83,10 @@ class BachMaskRCNN(MaskRCNN):
         batch, targets = self.transform(images, targets)
         features = self.backbone(batch.tensors)
         proposals, rpn_losses = self.rpn(batch, features, targets)
-        detections, det_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        with self._floor_lock:  # the model is shared by widgets and runs: one floor at a time
+            self.roi_heads.score_thresh = self.config.candidate_score if score_floor is None else score_floor
+            detections, det_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+            self.roi_heads.score_thresh = self.config.candidate_score
         tissue_logits = self.tissue_head(features)
         if self.training:
             losses = {**rpn_losses, **det_losses}

@@ -182,7 +182,7 @@ def _unflip(out: dict, dims: tuple[int, ...], h: int, w: int) -> dict:
     return {**out, "boxes": boxes, "masks": out["masks"].flip(dims) if dims else out["masks"]}
 
 
-def flip_tta(model: BachMaskRCNN) -> Callable[[list[torch.Tensor]], list[dict]]:
+def flip_tta(model: BachMaskRCNN, score_floor: float | None = None) -> Callable[[list[torch.Tensor]], list[dict]]:
     """Test-time augmentation: each tile also runs flipped three ways; the candidates of the
     four views are pooled and duplicates removed by the model's own candidate NMS (the
     best-scoring view of each nucleus is kept); tissue logits are averaged."""
@@ -191,7 +191,7 @@ def flip_tta(model: BachMaskRCNN) -> Callable[[list[torch.Tensor]], list[dict]]:
     cfg = model.config
 
     def step(crops: list[torch.Tensor]) -> list[dict]:
-        outs = model([c.flip(dims) if dims else c for c in crops for dims in FLIPS])
+        outs = model([c.flip(dims) if dims else c for c in crops for dims in FLIPS], score_floor=score_floor)
         merged = []
         for i, crop in enumerate(crops):
             h, w = crop.shape[-2:]
@@ -208,13 +208,17 @@ def flip_tta(model: BachMaskRCNN) -> Callable[[list[torch.Tensor]], list[dict]]:
 
 
 def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None = None,
-                 tissue_trained: bool = True, batch_size: int | None = None,
-                 tta: bool = False) -> Generator[Progress, None, Detections]:
+                 tissue_trained: bool = True, batch_size: int | None = None, tta: bool = False,
+                 score_floor: float | None = None) -> Generator[Progress, None, Detections]:
     """Segment a whole RGB image tile by tile; yields progress, returns all candidates.
-    ``tta``: flip test-time augmentation (4 network passes per tile, see :func:`flip_tta`)."""
+    ``tta``: flip test-time augmentation (4 network passes per tile, see :func:`flip_tta`).
+    ``score_floor``: candidates from this score up only (masks for nothing below it): for
+    runs whose threshold is known in advance; refiltering at that threshold or above
+    gives the same nuclei as from the full candidate cache."""
     cfg = model.config
     pixel_size = as_pixel_size(pixel_size)
-    geometry, outputs = yield from run_tiled(rgb, model, pixel_size, flip_tta(model) if tta else model, batch_size)
+    step = flip_tta(model, score_floor) if tta else (lambda crops: model(crops, score_floor=score_floor))
+    geometry, outputs = yield from run_tiled(rgb, model, pixel_size, step, batch_size)
     orig_shape = geometry.image_shape
     limit = torch.tensor([orig_shape[1], orig_shape[0]] * 2, dtype=torch.float32)
     parts, tissue_logits, weights = [], [], []
@@ -236,6 +240,6 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
 
 def predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None = None,
             tissue_trained: bool = True, progress: Callable[[Progress], None] | None = None,
-            batch_size: int | None = None, tta: bool = False) -> Detections:
+            batch_size: int | None = None, tta: bool = False, score_floor: float | None = None) -> Detections:
     """Run :func:`iter_predict` to the end, reporting progress to an optional callback."""
-    return drain(iter_predict(rgb, model, pixel_size, tissue_trained, batch_size, tta), progress)
+    return drain(iter_predict(rgb, model, pixel_size, tissue_trained, batch_size, tta, score_floor), progress)

@@ -119,3 +119,24 @@ def test_minimum_area_drops_small_candidates_and_fragments_left_by_overlaps():
     kept = det.refilter(0.5, 1.0, min_area=25)
     assert list(kept.ids) == [1] and set(np.unique(kept.labels)) == {0, 1}
     assert (kept.labels == 1).sum() == 100
+
+
+def test_headless_runs_compute_masks_only_for_kept_nuclei_and_equal_the_widget(tiny_checkpoint):
+    """Issue 15.1: the CLI and slides know their threshold before the network runs; the
+    nuclei they get equal the widget's (full candidate cache, refiltered) at that threshold."""
+    from napari_bach.checkpoint import load_checkpoint
+    from napari_bach.synthetic import synthetic_he
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    rgb, _ = synthetic_he((300, 340), seed=11)
+    cache = predict(rgb, model, 0.42)
+    threshold = float(np.quantile(cache.scores, 0.7))
+    headless = predict(rgb, model, 0.42, score_floor=threshold)
+    assert len(headless) < 0.5 * len(cache)  # fewer masks computed
+    for nms_iou in (0.3, 0.5, 0.7):
+        a = cache.refilter(threshold, nms_iou, min_area=10).labels
+        b = headless.refilter(threshold, nms_iou, min_area=10).labels
+        assert (a > 0).sum() > 0
+        np.testing.assert_array_equal(a > 0, b > 0)
+        assert len(np.unique(a)) == len(np.unique(b))
+    assert model.roi_heads.score_thresh == model.config.candidate_score  # the shared model is left as it was

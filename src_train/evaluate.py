@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_bach.checkpoint import load_checkpoint
+from napari_bach.config import Thresholds
 from napari_bach.predict import predict
 
 from .datasets import Sample
@@ -21,19 +22,23 @@ SCORE_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 def score_nuclei(model, samples: list[Sample], score_thresholds, nms_iou: float,
                  tta: bool = False) -> dict[float, list[dict]]:
     """Per-image nucleus metrics at each score threshold; the network runs once per image
-    and the thresholds only re-filter its cached candidates."""
+    and the thresholds only re-filter its cached candidates. The model's minimum nucleus
+    area applies, as it does for users."""
     out = {t: [] for t in score_thresholds}
     for s in samples:
         det = predict(s.image, model, s.mpp, tissue_trained=False, tta=tta)
+        min_area = Thresholds().min_area_px(s.mpp, model.config)
         for t in score_thresholds:
-            out[t].append(nucleus_metrics(s.labels, det.refilter(t, nms_iou).labels))
+            out[t].append(nucleus_metrics(s.labels, det.refilter(t, nms_iou, min_area=min_area).labels))
     return out
 
 
 def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),
              score_threshold: float | None = None, nms_iou: float | None = None, tta: bool = False) -> dict:
     """Metrics of one model; nucleus images are segmented whole, at their own µm/px
-    (``tta``: with flip test-time augmentation)."""
+    (``tta``: with flip test-time augmentation). Images from several sources (``group``)
+    are also reported per group, with the sweep of their group means: unseen hospitals
+    count the same however many images each has."""
     model, info = load_checkpoint(model_path)
     cfg = model.config
     score = cfg.default_score_threshold if score_threshold is None else score_threshold
@@ -45,6 +50,20 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
         result["nuclei"] = pooled_nucleus_metrics(by_threshold[score])
         result["nuclei_per_image"] = [{"image": s.name, **m} for s, m in zip(nuclei, by_threshold[score])]
         result["score_sweep"] = [{"score_threshold": t, **pooled_nucleus_metrics(by_threshold[t])} for t in SCORE_SWEEP]
+        groups = sorted({s.group for s in nuclei})
+        if len(groups) > 1:
+            per_group = {}
+            for g in groups:
+                idx = [i for i, s in enumerate(nuclei) if s.group == g]
+                per_group[g] = {"images": len(idx),
+                                "nuclei": pooled_nucleus_metrics([by_threshold[score][i] for i in idx]),
+                                "score_sweep": [{"score_threshold": t, **pooled_nucleus_metrics(
+                                    [by_threshold[t][i] for i in idx])} for t in SCORE_SWEEP]}
+            result["groups"] = per_group
+            result["group_mean_sweep"] = [
+                {"score_threshold": t, **{k: float(np.mean([g["score_sweep"][j][k] for g in per_group.values()]))
+                                          for k in ("f1", "aji", "pq", "dice")}}
+                for j, t in enumerate(SCORE_SWEEP)]
     if tissue:
         if not info.tissue_trained:
             result["tissue"] = "not trained: this checkpoint's tissue head never saw tissue labels"
@@ -113,7 +132,9 @@ def save_plots(result: dict, out: Path, log_csv: Path | None = None) -> list[Pat
 
 def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
     result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou, args.tta)
-    summary = {k: v for k, v in result.items() if k != "nuclei_per_image"}
+    summary = {k: v for k, v in result.items() if k not in ("nuclei_per_image", "groups")}
+    if "groups" in result:
+        summary["groups"] = {g: v["nuclei"] for g, v in result["groups"].items()}
     if isinstance(summary.get("tissue"), dict):
         summary["tissue"] = {k: v for k, v in summary["tissue"].items() if k not in ("probs", "truth")}
     if args.out:

@@ -132,6 +132,13 @@ def test_train_on_a_data_list_validates_per_group_then_warm_starts_on_a_time_bud
     assert "warm-started from last.pt" in payload["info"]["notes"]
     assert 1.8 <= payload["train_state"]["seconds"] < 30  # stopped once 1.8 s of training were spent
     assert (tmp_path / "b" / "best.pt").exists()  # the final weights were validated
+    # evaluate on the same held-out groups: each reported apart, with the sweep of group means
+    assert main(["evaluate", "--data", str(data_list), "--model", str(tmp_path / "b" / "last.pt"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(result["groups"]) == {"monuseg", "cpm15", "consep"} and result["nuclei"]["images"] == 3
+    mean_f1 = np.mean([g["score_sweep"][2]["f1"] for g in result["groups"].values()])
+    assert result["group_mean_sweep"][2]["f1"] == pytest.approx(mean_f1)
     assert main(["train", *common, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a" / "last.pt"),
                  "--backbone", "resnet18"]) == 2
     assert "cannot start from it" in capsys.readouterr().err

@@ -146,6 +146,20 @@ def cmd_evaluate(args) -> int:
     return evaluate_main(args, nuclei, tissue)
 
 
+INFERENCE_SETTINGS = ("candidate_score", "candidate_nms", "max_candidates_per_tile", "rpn_pre_nms_test",
+                      "rpn_post_nms_test", "rpn_nms", "tile_size", "tile_overlap", "default_nms_iou",
+                      "default_min_area")
+
+
+def _rebuilt(model):
+    """The same weights in a model built from its (changed) config."""
+    from napari_bach.model import build_model
+
+    new = build_model(model.config)
+    new.load_state_dict(model.state_dict())
+    return new.eval()
+
+
 def cmd_ship(args) -> int:
     """Turn a run's checkpoint into the small file the plugin ships: fp16 weights, no
     optimizer state, and the metrics measured by ``evaluate`` recorded as provenance."""
@@ -167,6 +181,19 @@ def cmd_ship(args) -> int:
         info.data = args.data
     if args.score_threshold is not None:  # e.g. the best of evaluate's score_sweep on validation
         model.config.default_score_threshold = args.score_threshold
+    if args.config:  # inference settings only: the weights do not depend on them
+        from dataclasses import replace
+
+        changes = {}
+        for item in args.config:
+            key, _, value = item.partition("=")
+            if key not in INFERENCE_SETTINGS:
+                print(f"--config {item}: only {', '.join(INFERENCE_SETTINGS)} can change without retraining",
+                      file=sys.stderr)
+                return 2
+            changes[key] = type(getattr(model.config, key))(value)
+        model.config = replace(model.config, **changes)
+        model = _rebuilt(model)
     out = save_checkpoint(args.out, model, info, half=True)
     print(f"{out} ({out.stat().st_size / 1e6:.1f} MB): {info.status}")
     return 0
@@ -274,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", default=None)
     s.add_argument("--data", default=None, help="describe the training data (default: as recorded by train)")
     s.add_argument("--score-threshold", type=float, default=None, help="the shipped model's default score threshold")
+    s.add_argument("--config", action="append", metavar="KEY=VALUE",
+                   help="an inference setting of the shipped model (candidate caps, tiling), e.g. "
+                        "max_candidates_per_tile=300; measure it with evaluate before shipping")
     s.set_defaults(func=cmd_ship)
 
     args = parser.parse_args(argv)

@@ -140,13 +140,17 @@ def test_ship_writes_a_small_fp16_model_with_measured_metrics(tmp_path):
     out = tmp_path / "default.pt"
     assert main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(out), "--metrics", str(tmp_path / "metrics.json"),
                  "--metrics-command", "python -m src_train evaluate ...", "--log", str(tmp_path / "log.csv"),
-                 "--score-threshold", "0.4"]) == 0
+                 "--score-threshold", "0.4", "--config", "max_candidates_per_tile=300",
+                 "--config", "candidate_score=0.1"]) == 0
     payload = read_checkpoint(out)
     assert "train_state" not in payload
     assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
     assert out.stat().st_size < 0.6 * (tmp_path / "run" / "last.pt").stat().st_size
     model, info = load_checkpoint(out)
     assert model.config.default_score_threshold == 0.4
+    assert model.config.max_candidates_per_tile == model.roi_heads.detections_per_img == 300
+    assert model.config.candidate_score == model.roi_heads.score_thresh == 0.1
+    assert main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(out), "--config", "fpn_channels=64"]) == 2
     assert info.metrics["validation"]["aji"] == 0.3 and info.nuclei_trained and not info.tissue_trained
     assert "1 steps in 0.5 h" in info.notes
 

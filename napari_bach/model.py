@@ -23,6 +23,7 @@ from .backbones import PretrainedWeightsUnavailable, build_backbone  # noqa: F40
 from .config import ModelConfig
 
 NUM_DETECTION_CLASSES = 2  # background, nucleus
+_FLOOR_LOCK = threading.Lock()  # module-level: models stay deep-copyable (EMA, DDP)
 
 
 class _TileTransform(GeneralizedRCNNTransform):
@@ -61,7 +62,6 @@ class BachMaskRCNN(MaskRCNN):
         self.config = config
         self.transform = _TileTransform(0, 0, list(config.mean), list(config.std), size_divisible=32)
         self.tissue_head = TissueHead(backbone.out_channels, len(config.tissue_classes))
-        self._floor_lock = threading.Lock()
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None, tissue_only: bool = False,
                 score_floor: float | None = None):
@@ -83,7 +83,7 @@ class BachMaskRCNN(MaskRCNN):
         batch, targets = self.transform(images, targets)
         features = self.backbone(batch.tensors)
         proposals, rpn_losses = self.rpn(batch, features, targets)
-        with self._floor_lock:  # the model is shared by widgets and runs: one floor at a time
+        with _FLOOR_LOCK:  # a model is shared by widgets and runs: one floor at a time
             self.roi_heads.score_thresh = self.config.candidate_score if score_floor is None else score_floor
             detections, det_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
             self.roi_heads.score_thresh = self.config.candidate_score

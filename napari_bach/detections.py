@@ -54,6 +54,7 @@ class Detections:
     crops: list[np.ndarray]  # N boolean crops
     tissue_probs: np.ndarray | None = None  # per class, None when the head is untrained
     candidate_nms: float = 1.0  # NMS already applied to the candidates
+    score_floor: float = 0.0  # candidates below this score were never computed
     pixel_size: PixelSize = PixelSize(None)  # of the image the candidates are in
     classes: tuple[str, ...] = BACH_CLASSES  # order of tissue_probs
 

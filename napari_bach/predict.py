@@ -234,7 +234,9 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
     if tissue_trained and tissue_logits:
         wt = torch.tensor(weights)[:, None]
         probs = ((torch.stack(tissue_logits).softmax(-1) * wt).sum(0) / wt.sum()).numpy()
+    floor = cfg.candidate_score if score_floor is None else max(score_floor, cfg.candidate_score)
     return Detections.concatenate(parts, orig_shape, tissue_probs=probs, candidate_nms=cfg.candidate_nms,
+                                  score_floor=floor,
                                   pixel_size=pixel_size, classes=cfg.tissue_classes)
 
 

@@ -177,7 +177,8 @@ def test_edits_survive_the_sliders(viewer, qtbot, tiny_checkpoint):
     viewer.add_image(rgb, name="he", rgb=True, metadata={"mpp": 0.42})
     w = _widget(viewer, tiny_checkpoint, score=0.30)
     _run_and_wait(qtbot, w)
-    _slide(qtbot, w._score, 0.05)
+    _slide(qtbot, w._score, 0.05)  # under the cached floor (0.15): the rest is computed first
+    qtbot.waitUntil(lambda: w.worker is None and w.result.det.score_floor <= 0.05, timeout=120_000)
     layer = viewer.layers["he nuclei"]
     ids = [int(i) for i in np.unique(layer.data)[1:4]]
     data = layer.data
@@ -281,3 +282,25 @@ def test_outlines_boxes_minimum_area_view_and_counts_as_peers_show_them(viewer, 
     _run_and_wait(qtbot, w)
     model_mpp = w.result.model_mpp  # 0.4 for the tiny model
     assert w._area_row.label == "Min area px" and w._min_area.value == pytest.approx(3.0 / model_mpp**2, abs=0.1)
+
+
+def test_candidates_below_the_slider_are_computed_when_the_slider_reaches_them(viewer, qtbot, tiny_checkpoint):
+    """Issue 15.1: a run computes candidates (and their masks) only from a margin below the
+    score threshold; moving the slider under that floor computes the rest, keeping edits."""
+    from napari_bach._qt.segment_widget import FLOOR_MARGIN
+
+    rgb, _ = synthetic_he((200, 240), seed=3)
+    viewer.add_image(rgb, name="he", rgb=True, metadata={"mpp": 0.42})
+    w = _widget(viewer, tiny_checkpoint, score=0.4)
+    _run_and_wait(qtbot, w)
+    det = w.result.det
+    assert det.score_floor == pytest.approx(0.4 - FLOOR_MARGIN) and det.scores.min() >= det.score_floor
+    labels = viewer.layers["he nuclei"]
+    drawn = int(labels.data.max()) + 1000
+    labels.data[:6, :6] = drawn  # a hand-drawn nucleus
+    _slide(qtbot, w._score, 0.3)  # still above the floor: no run
+    assert w.worker is None and w.result.det is det
+    w._score.value = 0.1  # below it: the rest is computed
+    qtbot.waitUntil(lambda: w.worker is None and w.result.det is not det, timeout=120_000)
+    assert w.result.det.score_floor <= 0.1 and len(w.result.det) >= len(det)
+    assert (viewer.layers["he nuclei"].data[:6, :6] > 0).all()  # the edit survived the re-run

@@ -26,13 +26,17 @@ if TYPE_CHECKING:
     import napari
 
 MEASURE_DELAY_MS = 300  # the full table waits until the slider rests
+# Candidates (and their masks, most of a run's time) are computed from this far below the
+# score threshold; a slider moved below that floor computes the rest (edits are kept).
+FLOOR_MARGIN = 0.15
 AREA_UM2, AREA_PX = "Min area µm²", "Min area px"
 
 
-def _segment(rgb: np.ndarray, model_path: Path, device: str, pixel_size: PixelSize, tta: bool):
+def _segment(rgb: np.ndarray, model_path: Path, device: str, pixel_size: PixelSize, tta: bool, floor: float):
     yield "loading model"
     model, info = cached_model(model_path, device)
-    det = yield from iter_predict(rgb, model, pixel_size, tissue_trained=info.tissue_trained, tta=tta)
+    det = yield from iter_predict(rgb, model, pixel_size, tissue_trained=info.tissue_trained, tta=tta,
+                                  score_floor=floor)
     yield "measuring"
     return det, info, hematoxylin(rgb), model.config.mpp
 
@@ -98,7 +102,7 @@ class SegmentWidget(Container):
         self._refilter_timer.setInterval(0)
         self._refilter_timer.timeout.connect(self.refilter)
         self._image.changed.connect(self._on_image_changed)
-        self._run.changed.connect(self.run)
+        self._run.changed.connect(lambda *_: self.run())
         self._score.changed.connect(lambda _: self._refilter_timer.start())
         self._nms.changed.connect(lambda _: self._refilter_timer.start())
         self._min_area.changed.connect(lambda _: self._refilter_timer.start())
@@ -152,7 +156,9 @@ class SegmentWidget(Container):
         return PixelSize(value, EXPLICIT)
 
     # -- running --------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self, floor: float | None = None) -> None:
+        """Segment the chosen image; candidates from ``floor`` (default: a margin below the
+        score slider) up are cached for the sliders."""
         layer, placement = image_and_placement(self)
         if layer is None:
             return
@@ -166,7 +172,8 @@ class SegmentWidget(Container):
             self.task.fail(exc)
             return
         source, known = layer.name, layer_tissue_class(layer)
-        self.task.start(_segment, rgb, path, self.model.device.value, self.pixel_size(), bool(self._tta.value),
+        floor = max(0.0, float(self._score.value) - FLOOR_MARGIN) if floor is None else floor
+        self.task.start(_segment, rgb, path, self.model.device.value, self.pixel_size(), bool(self._tta.value), floor,
                         done=lambda out: self._on_done(out, layer, source, placement, known))
 
     def cancel(self) -> None:
@@ -221,6 +228,11 @@ class SegmentWidget(Container):
         if self.result is None:
             return
         r = self.result
+        if float(self._score.value) < r.det.score_floor - 1e-6 and self.task.worker is None:
+            self._status.value = (f"Candidates under score {r.det.score_floor:.2f} were not computed: "
+                                  "computing them (your edits are kept)…")
+            self.run(floor=0.0)
+            return
         self._absorb_edits()
         r.seg = r.det.refilter(float(self._score.value), float(self._nms.value), r.edits, self._min_area_px())
         layer = self._labels_layer()

@@ -278,6 +278,7 @@ def test_outlines_boxes_minimum_area_view_and_counts_as_peers_show_them(viewer, 
     # unknown µm/px: the minimum is in pixels, at the model's own scale
     viewer.add_image(rgb, name="plain", rgb=True)
     w._image.value = viewer.layers["plain"]
+    assert "drawn in pixels beside he" in w._status.value  # issue 14.5: napari's "inconsistent units", explained
     w._min_area.value = 3.0
     _run_and_wait(qtbot, w)
     model_mpp = w.result.model_mpp  # 0.4 for the tiny model

@@ -145,6 +145,11 @@ class SegmentWidget(Container):
         self._mpp.value = self._layer_pixel_size.mpp or 0.0
         if self.task.worker is None:
             self._status.value = f"{layer.name}: {self._layer_pixel_size.describe()}"
+            in_um = [other.name for other in self._viewer.layers
+                     if other is not layer and str(other.units[-1]) in ("um", "micrometer")]
+            if not self._layer_pixel_size.known and in_um:
+                self._status.value += (f"\nIt is drawn in pixels beside {in_um[0]} (in µm), so napari stops using "
+                                       "units and the two differ in size: type its µm/px to put it in µm too.")
 
     def pixel_size(self) -> PixelSize:
         """The box's value: the image's own µm/px with its source, or what the user typed."""

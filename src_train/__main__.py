@@ -215,6 +215,31 @@ def _pair(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def cmd_finetune(args) -> int:
+    """Fine-tune on exported corrections; prints the before/after table on held-out images."""
+    from napari_bach.checkpoint import CheckpointError
+
+    from .finetune import FinetuneError, format_table, finetune
+
+    replay = None
+    if args.replay:
+        from .sources import load_sources, parse_data_arg
+
+        replay = load_sources([s for v in args.replay for s in parse_data_arg(v)]).train
+    on_event = None
+    if args.progress_json:
+        def on_event(event: dict) -> None:
+            print(json.dumps(event), flush=True)
+    try:
+        table = finetune(args.dataset, args.model, args.minutes, args.out, args.device, replay, args.lr, args.seed,
+                         args.threads, on_event)
+    except (FinetuneError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(table), file=sys.stderr if args.progress_json else sys.stdout)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src_train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,7 +331,26 @@ def main(argv: list[str] | None = None) -> int:
                         "max_candidates_per_tile=300; measure it with evaluate before shipping")
     s.set_defaults(func=cmd_ship)
 
+    f = sub.add_parser("finetune", help="fine-tune a model on exported corrections, with before/after numbers",
+                       description=cmd_finetune.__doc__)
+    f.add_argument("dataset", help="dataset folder written by Correct, export & report (manifest.json)")
+    f.add_argument("--model", default=None, help="the model to start from (default: the shipped one)")
+    f.add_argument("--minutes", type=float, required=True, help="training time budget, above 0")
+    f.add_argument("--out", required=True, help="folder for the new model, its run and finetune JSON")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--lr", type=float, default=1e-4, help="small: a warm start, not a new training")
+    f.add_argument("--replay", action="append", metavar="NAME:PATH[:MPP[:WEIGHT]] | LIST.toml",
+                   help="original training data mixed in, so other tissue is not forgotten")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=0)
+    f.add_argument("--progress-json", action="store_true", help=argparse.SUPPRESS)
+    f.set_defaults(func=cmd_finetune)
+
     args = parser.parse_args(argv)
+    if getattr(args, "model", "x") is None:
+        from napari_bach.checkpoint import DEFAULT_MODEL
+
+        args.model = str(DEFAULT_MODEL)
     return args.func(args)
 
 

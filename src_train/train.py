@@ -18,6 +18,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import os
 from contextlib import nullcontext
@@ -302,7 +303,9 @@ class Trainer:
         return row
 
     # -- the run -------------------------------------------------------------------------
-    def run(self, progress: bool = True) -> dict:
+    def run(self, progress: bool = True, on_step: Callable[[dict], None] | None = None) -> dict:
+        """Train until the schedule ends (steps or ``max_hours``) or early stopping;
+        ``on_step`` receives each step's log row."""
         log_path = self.out / "log.csv"
         fields = ["step", "epoch", "lr", "loss", *LOSS_KEYS, "seconds"]
         new_log = not log_path.exists() or self.step == 0
@@ -327,6 +330,8 @@ class Trainer:
                            lr=self.opt.param_groups[0]["lr"], seconds=round(took, 3))
                 writer.writerow(row)
                 log.flush()
+                if on_step is not None:
+                    on_step(row)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.3f}")

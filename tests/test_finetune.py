@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,53 @@ def test_finetune_refuses_unusable_input_with_exit_2(tmp_path, corrections, tiny
     ):
         assert main(["finetune", *argv, "--out", str(tmp_path / "o")]) == 2, argv
         assert message in capsys.readouterr().err
+
+
+def test_the_whole_loop_in_napari_export_finetune_in_a_process_then_segment_with_it(make_napari_viewer, qtbot,
+                                                                                    tiny_checkpoint, tmp_path,
+                                                                                    monkeypatch):
+    """Issue 16: export corrections → fine-tune in a separate process (the viewer stays
+    responsive) → before/after table → the new model chosen in Segment nuclei; Cancel
+    leaves the viewer usable and the export untouched."""
+    import numpy as np
+
+    from napari_bach._qt import finetune_widget
+    from napari_bach._qt.curate_widget import CurateWidget
+
+    viewer = make_napari_viewer()
+    cur = CurateWidget(viewer)
+    viewer.window.add_dock_widget(cur)
+    for i in range(3):  # three corrected images, exported as a pathologist would
+        rgb, labels = synthetic_he((128, 128), mpp=0.4, seed=30 + i)
+        image = viewer.add_image(rgb, name=f"tile{i}", rgb=True, scale=(0.4, 0.4), metadata={"mpp": 0.4})
+        nuclei = viewer.add_labels(labels, name=f"tile{i} nuclei", scale=(0.4, 0.4))
+        cur._image.value, cur._nuclei.value = image, nuclei
+        cur._dataset.value = str(tmp_path / "dataset")
+        assert cur.export() is not None
+    exported = _digest(tmp_path / "dataset")
+
+    monkeypatch.setitem(finetune_widget.BUDGETS, "5 min", 0.05)  # 3 s of training, not 5 min
+    _, w = viewer.window.add_plugin_dock_widget("napari-bach", "Fine-tune on corrections")  # Plugins menu
+    assert str(w._dataset.value) == str(tmp_path / "dataset")  # the folder just exported to
+    w.model.use_file(tiny_checkpoint)
+    w.run()
+    assert "Choose a folder to save" in w._status.value and w.process is None
+    w._out.value = str(tmp_path / "models")
+    w.run()
+    assert w.process is not None
+    qtbot.waitUntil(lambda: w.process is None, timeout=180_000)
+    assert w.result is not None, w._status.value
+    assert "before" in w._table.value and "after" in w._table.value and "tile2" in w._table.value
+    assert w._use.enabled and Path(w.result["model"]).parent == tmp_path / "models"
+    w.use_model()
+    _, segment = viewer.window.add_plugin_dock_widget("napari-bach", "Segment nuclei")
+    assert segment.model.path() == Path(w.result["model"])
+
+    monkeypatch.setitem(finetune_widget.BUDGETS, "5 min", 5.0)
+    w.run()
+    qtbot.waitUntil(lambda: "training on" in w._status.value or "step" in w._status.value, timeout=120_000)
+    w.cancel()
+    qtbot.waitUntil(lambda: w.process is None, timeout=30_000)
+    assert "Cancelled" in w._status.value and _digest(tmp_path / "dataset") == exported
+    viewer.add_image(np.zeros((8, 8)), name="still usable")
+    assert "still usable" in [layer.name for layer in viewer.layers]

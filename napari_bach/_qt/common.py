@@ -23,6 +23,7 @@ from ..pixelsize import FILE_TAGS, UNKNOWN, PixelSize, file_mpp, resolve_mpp
 from ..predict import available_devices
 from .layers import ROLE_KEY
 
+recent: dict[str, str] = {}  # what this session last did, for other docks' defaults (e.g. "dataset")
 DEFAULT_CHOICE = "Default (shipped)"
 FILE_CHOICE = "Checkpoint file…"
 EXPECTED_ERRORS = (CheckpointError, ImageReadError, ValueError, OSError)  # the user's input, not a bug

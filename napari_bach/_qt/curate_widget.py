@@ -19,7 +19,8 @@ from ..export import SampleExistsError, export_sample
 from ..geojson import write_geojson
 from ..measure import hematoxylin, measure_nuclei
 from ..report import report_numbers, write_nuclei_csv, write_report
-from .common import check_output_file, layer_rgb, layer_tissue_class, put_result_layer, result_pixel_size, row, wrap
+from .common import (check_output_file, layer_rgb, layer_tissue_class, put_result_layer, recent, result_pixel_size,
+                     row, wrap)
 from .layers import ROLE_KEY, result_layers
 
 if TYPE_CHECKING:
@@ -206,6 +207,7 @@ class CurateWidget(Container):
         except ValueError as exc:
             return self._say(f"not exported: {exc}")
         self._say(f"exported {folder}")
+        recent["dataset"] = str(Path(self._dataset.value))  # Fine-tune on corrections starts from it
         return folder
 
     def save_figure(self) -> Path | None:

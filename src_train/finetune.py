@@ -87,9 +87,12 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
     tcfg = TrainConfig(out=str(run_dir), max_hours=minutes / 60, max_steps=0, lr=lr, warmup_steps=min(20, steps_guess // 5),
                        checkpoint_every=25, val_every_steps=10**9, seed=seed, device=device, threads=threads,
                        patience=10**9)
-    for s in replay or []:
-        s.group = s.group or "replay"
-    trainer = Trainer(cfg, tcfg, train + list(replay or []), {}, data_note=f"fine-tuned on {Path(dataset).name}",
+    if replay:  # half the crops from the corrections, half from the original data, however many images each
+        share = sum(s.weight for s in replay) / len(train)
+        train_mix = [replace(s, weight=share) for s in train] + list(replay)
+    else:
+        train_mix = train
+    trainer = Trainer(cfg, tcfg, train_mix, {}, data_note=f"fine-tuned on {Path(dataset).name}",
                       license=start_info.license)
     trainer.init_from(model_path)
     emit({"event": "phase", "message": f"training on {len(train)} image(s) for {minutes:g} min"})

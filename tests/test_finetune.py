@@ -32,8 +32,17 @@ def test_finetune_command_prints_before_after_and_writes_only_a_new_model(tmp_pa
 
     before_data, before_model = _digest(corrections), tiny_checkpoint.read_bytes()
     out = tmp_path / "models"
+    original = tmp_path / "original"  # the model's own training data, replayed beside the corrections
+    (original / "images").mkdir(parents=True)
+    (original / "labels").mkdir()
+    import tifffile
+    from PIL import Image
+
+    rgb, labels = synthetic_he((96, 96), mpp=0.4, seed=5)
+    Image.fromarray(rgb).save(original / "images" / "o.png")
+    tifffile.imwrite(original / "labels" / "o.tif", labels.astype("int32"))
     assert main(["finetune", str(corrections), "--model", str(tiny_checkpoint), "--minutes", "0.05",
-                 "--out", str(out), "--threads", "2"]) == 0
+                 "--out", str(out), "--threads", "2", "--replay", f"orig:{original}:0.4"]) == 0
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed and "held-out image(s) (tile2)" in printed
     (model,) = out.glob("napari-bach-finetuned-*-my-corrections.pt")
@@ -92,6 +101,7 @@ def test_the_whole_loop_in_napari_export_finetune_in_a_process_then_segment_with
     _, w = viewer.window.add_plugin_dock_widget("napari-bach", "Fine-tune on corrections")  # Plugins menu
     assert str(w._dataset.value) == str(tmp_path / "dataset")  # the folder just exported to
     w.model.use_file(tiny_checkpoint)
+    w._replay.value = False  # the tiny test model is not trained on ../shared anyway
     w.run()
     assert "Choose a folder to save" in w._status.value and w.process is None
     w._out.value = str(tmp_path / "models")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton
 
 from .common import ModelPicker, recent, row, wrap
 
@@ -22,12 +22,26 @@ if TYPE_CHECKING:
     import napari
 
 BUDGETS = {"5 min": 5.0, "15 min": 15.0, "45 min": 45.0}
+SHARED_DATA = Path(__file__).resolve().parents[2] / "src_train" / "shared_data.toml"  # a source checkout's
 
 
-def finetune_command(dataset: str, model: str, minutes: float, out: str, device: str) -> list[str]:
+def replay_list() -> Path | None:
+    """The original training data list, when this checkout has ../shared beside it."""
+    if not SHARED_DATA.is_file():
+        return None
+    from src_train.sources import read_data_list
+
+    try:
+        return SHARED_DATA if all(s.path.is_dir() for s in read_data_list(SHARED_DATA)) else None
+    except (ValueError, OSError):
+        return None
+
+
+def finetune_command(dataset: str, model: str, minutes: float, out: str, device: str,
+                     replay: Path | None = None) -> list[str]:
     """The command the widget runs, the same as a user types (plus JSON progress)."""
     return [sys.executable, "-m", "src_train", "finetune", dataset, "--model", model, "--minutes", f"{minutes:g}",
-            "--out", out, "--device", device, "--progress-json"]
+            "--out", out, "--device", device, "--progress-json", *(["--replay", str(replay)] if replay else [])]
 
 
 class FinetuneWidget(Container):
@@ -40,6 +54,10 @@ class FinetuneWidget(Container):
         self.model = ModelPicker()
         self._budget = ComboBox(label="Time budget", choices=list(BUDGETS), value="5 min")
         self._out = FileEdit(label="Save models in", mode="d")
+        self._replay_list = replay_list()
+        self._replay = CheckBox(text="replay the original training data (keeps other tissue)",
+                                value=self._replay_list is not None, enabled=self._replay_list is not None,
+                                tooltip=str(self._replay_list or "needs a source checkout with ../shared/data beside it"))
         self._run = PushButton(text="Fine-tune")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="Progress", min=0, max=100, value=0)
@@ -49,7 +67,8 @@ class FinetuneWidget(Container):
         self._use = PushButton(text="Use in Segment nuclei", enabled=False)
         for label in (self._status, self._table):
             wrap(label)
-        self.extend([self._dataset, *self.model.widgets, self._budget, self._out, row(self._run, self._cancel),
+        self.extend([self._dataset, *self.model.widgets, self._budget, self._out, self._replay,
+                     row(self._run, self._cancel),
                      self._progress, self._status, self._table, self._use])
         self._run.changed.connect(lambda *_: self.run())
         self._cancel.changed.connect(lambda *_: self.cancel())
@@ -77,7 +96,7 @@ class FinetuneWidget(Container):
         self._use.enabled = False
         process = QProcess(self.native)
         command = finetune_command(dataset, str(self.model.path()), BUDGETS[self._budget.value], out,
-                                   self.model.device.value)
+                                   self.model.device.value, self._replay_list if self._replay.value else None)
         process.setProgram(command[0])
         process.setArguments(command[1:])
         process.readyReadStandardOutput.connect(self._read)

@@ -6,6 +6,9 @@ Writes screenshot.png (Segment nuclei), anchors.png (RPN anchors & proposals),
 figure.png ("Save figure"), report.png (page 1 of "Save report", via pdftoppm) and
 slide.png (Segment slide on a synthetic pyramidal slide, a region streamed to disk).
 Without IMAGE it uses the built-in synthetic sample, so nothing third-party is committed.
+
+    ... docs/make_pictures.py --bach CROP.png [--mpp 0.467]   # bach.png only: a real BACH crop
+    ... docs/make_pictures.py --finetune                       # finetune_running.png, finetune_done.png
 """
 from __future__ import annotations
 
@@ -42,9 +45,16 @@ def main() -> None:
     parser.add_argument("image", nargs="?")
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     parser.add_argument("--out", default=str(Path(__file__).parent))
+    parser.add_argument("--bach", help="only bach.png: Segment nuclei on this real BACH crop")
+    parser.add_argument("--mpp", type=float, default=0.467, help="µm/px of --bach (BACH slides: 0.467)")
+    parser.add_argument("--finetune", action="store_true", help="only the Fine-tune on corrections pictures")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.bach:
+        return bach_picture(Path(args.bach), args.mpp, args.model, out)
+    if args.finetune:
+        return finetune_pictures(args.model, out)
 
     viewer = napari.Viewer()
     viewer.window._qt_window.resize(1600, 1000)
@@ -96,6 +106,62 @@ def main() -> None:
         print(curate._status.value)
     viewer.close()
     slide_picture(out, args.model)
+
+
+def bach_picture(crop: Path, mpp: float, model: str | None, out: Path) -> None:
+    """Segment nuclei on a real BACH slide crop, nuclei as outlines (the picture only)."""
+    viewer = napari.Viewer()
+    viewer.window._qt_window.resize(1600, 1000)
+    viewer.open(str(crop), plugin="napari-bach")
+    _, seg = viewer.window.add_plugin_dock_widget("napari-bach", "Segment nuclei")
+    if model:
+        seg.model.use_file(model)
+    seg._mpp.value = mpp
+    seg.run()
+    _wait(seg)
+    image = viewer.layers[0]
+    h, w = image.data.shape[:2]
+    viewer.camera.center = (image.scale[0] * h * 0.45, image.scale[1] * w * 0.45)
+    viewer.camera.zoom *= 2.2
+    _shot(viewer, out / "bach.png")
+    print(seg._status.value)
+    viewer.close()
+
+
+def finetune_pictures(model: str | None, out: Path) -> None:
+    """Fine-tune on corrections during and after a short run on synthetic exported tiles."""
+    from napari_bach._qt import finetune_widget
+    from napari_bach.export import export_sample
+    from napari_bach.synthetic import synthetic_he
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(3):
+            rgb, labels = synthetic_he((256, 256), mpp=0.42, seed=40 + i)
+            export_sample(Path(tmp) / "my-corrections", f"tile{i}", rgb, labels, 0.42, None, {})
+        viewer = napari.Viewer()
+        viewer.window._qt_window.resize(1600, 1000)
+        viewer.open_sample("napari-bach", "synthetic_he")
+        _, w = viewer.window.add_plugin_dock_widget("napari-bach", "Fine-tune on corrections")
+        if model:
+            w.model.use_file(model)
+        w._dataset.value = str(Path(tmp) / "my-corrections")
+        w._out.value = str(Path(tmp) / "models")
+        finetune_widget.BUDGETS["5 min"] = 1.0
+        w.run()
+        while w.process is not None and "step" not in w._status.value:
+            QApplication.processEvents()
+        for _ in range(400):
+            QApplication.processEvents()
+            if w.process is None or w._progress.value >= 30:
+                break
+            QApplication.instance().thread().msleep(50)
+        _shot(viewer, out / "finetune_running.png")
+        while w.process is not None:
+            QApplication.processEvents()
+        QApplication.processEvents()
+        _shot(viewer, out / "finetune_done.png")
+        print(w._status.value, w._table.value, sep="\n")
+        viewer.close()
 
 
 def slide_picture(out: Path, model: str | None) -> None:

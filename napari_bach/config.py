@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 BACH_CLASSES: tuple[str, ...] = ("Normal", "Benign", "InSitu", "Invasive")
+# Segment nuclei computes candidates (and their masks, most of a run's time) from this far
+# below the score threshold; moving the slider below that floor computes the rest.
+CANDIDATE_MARGIN = 0.15
 # The registry (napari_bach.backbones) builds each; named here so the config needs no torch.
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101", "mobilenet_v2", "efficientnet_lite0")
 

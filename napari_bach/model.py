@@ -19,7 +19,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from .backbones import PretrainedWeightsUnavailable, build_backbone  # noqa: F401 (re-exported)
+from .backbones import PretrainedWeightsUnavailable, build_backbone, load_torchvision_weights  # noqa: F401
 from .config import ModelConfig
 
 NUM_DETECTION_CLASSES = 2  # background, nucleus
@@ -148,18 +148,7 @@ def build_model(config: ModelConfig, pretrained: str | None = None) -> BachMaskR
 
 
 def load_coco(model: BachMaskRCNN) -> int:
-    """Copy torchvision's COCO Mask R-CNN tensors whose names and shapes match; returns how
-    many. Downloads on first use; offline this raises :class:`PretrainedWeightsUnavailable`."""
+    """torchvision's COCO Mask R-CNN tensors that fit (ResNet-50 only); downloads once."""
     from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
-    try:
-        state = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=False)
-    except Exception as exc:  # urllib/http/SSL errors all mean the same thing to a user
-        raise PretrainedWeightsUnavailable(
-            f"could not download COCO weights ({exc.__class__.__name__}: {exc}). This needs internet access "
-            "once (torchvision caches them under TORCH_HOME)."
-        ) from exc
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(matched, strict=False)
-    return len(matched)
+    return load_torchvision_weights(MaskRCNN_ResNet50_FPN_Weights.COCO_V1, model, "COCO weights")

@@ -288,7 +288,7 @@ def test_outlines_boxes_minimum_area_view_and_counts_as_peers_show_them(viewer, 
 def test_candidates_below_the_slider_are_computed_when_the_slider_reaches_them(viewer, qtbot, tiny_checkpoint):
     """Issue 15.1: a run computes candidates (and their masks) only from a margin below the
     score threshold; moving the slider under that floor computes the rest, keeping edits."""
-    from napari_bach._qt.segment_widget import FLOOR_MARGIN
+    from napari_bach.config import CANDIDATE_MARGIN as FLOOR_MARGIN
 
     rgb, _ = synthetic_he((200, 240), seed=3)
     viewer.add_image(rgb, name="he", rgb=True, metadata={"mpp": 0.42})

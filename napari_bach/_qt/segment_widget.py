@@ -12,7 +12,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, Container, FloatSlider, FloatSpinBox, Label, PushButton, create_widget
 
 from ..checkpoint import DEFAULT_MODEL, CheckpointError, ModelInfo, cached_model, read_config
-from ..config import ModelConfig, Thresholds
+from ..config import CANDIDATE_MARGIN, ModelConfig, Thresholds
 from ..detections import Detections, Segmentation
 from ..edit import Edits
 from ..measure import hematoxylin, measure_nuclei
@@ -26,9 +26,7 @@ if TYPE_CHECKING:
     import napari
 
 MEASURE_DELAY_MS = 300  # the full table waits until the slider rests
-# Candidates (and their masks, most of a run's time) are computed from this far below the
-# score threshold; a slider moved below that floor computes the rest (edits are kept).
-FLOOR_MARGIN = 0.15
+
 AREA_UM2, AREA_PX = "Min area µm²", "Min area px"
 
 
@@ -177,7 +175,7 @@ class SegmentWidget(Container):
             self.task.fail(exc)
             return
         source, known = layer.name, layer_tissue_class(layer)
-        floor = max(0.0, float(self._score.value) - FLOOR_MARGIN) if floor is None else floor
+        floor = max(0.0, float(self._score.value) - CANDIDATE_MARGIN) if floor is None else floor
         self.task.start(_segment, rgb, path, self.model.device.value, self.pixel_size(), bool(self._tta.value), floor,
                         done=lambda out: self._on_done(out, layer, source, placement, known))
 

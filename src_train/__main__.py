@@ -169,6 +169,8 @@ def cmd_ship(args) -> int:
     if args.metrics:
         measured = json.loads(Path(args.metrics).read_text())
         info.metrics = {"validation": measured.get("nuclei", {}), "command": args.metrics_command or ""}
+        if "groups" in measured:  # each held-out source apart, at the measured threshold
+            info.metrics["groups"] = {g: v["nuclei"] for g, v in measured["groups"].items()}
     if args.log:
         import csv
         with open(args.log) as fh:

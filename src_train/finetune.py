@@ -79,7 +79,8 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    run_dir = out / (output_name(dataset).removesuffix(".pt") + "-run")
+    name = output_name(dataset)  # one name for the run folder, the model and its table
+    run_dir = out / (name.removesuffix(".pt") + "-run")
 
     emit({"event": "phase", "message": f"scoring the starting model on {len(held)} held-out image(s)"})
     before = score(start_model, held)
@@ -116,7 +117,7 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
                    notes=f"{start_info.notes}; fine-tuned {trainer.step} steps in {trainer.seconds / 60:.1f} min "
                          f"(lr {lr:g}) from {Path(model_path).name}",
                    metrics={"finetune": table}, created=datetime.now().astimezone().isoformat(timespec="seconds"))
-    path = save_checkpoint(out / output_name(dataset), tuned, info, half=True)
+    path = save_checkpoint(out / name, tuned, info, half=True)
     table["model"] = str(path)
     path.with_suffix(".json").write_text(json.dumps(table, indent=1))
     emit({"event": "done", **table})

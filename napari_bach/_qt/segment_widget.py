@@ -300,5 +300,5 @@ class SegmentWidget(Container):
         if not ps.known:
             lines.append(f"µm/px unknown: ran as if at the model's {r.model_mpp:g} µm/px; sizes in pixels "
                          "(set µm/px and run again for µm)")
-        lines += r.info.status.split(", ")
+        lines += r.info.status.rsplit(", ", 1)  # the name may hold commas: split off the tissue part only
         return "\n".join(lines)

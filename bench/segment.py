@@ -10,6 +10,7 @@ process so peak RSS is its own.
     python bench/segment.py --image bach             # real tissue: a mosaic of ../shared's BACH crops
     python bench/segment.py --image x.tif            # any image
     python bench/segment.py --models default old.pt  # checkpoint files side by side, same run
+    python bench/segment.py --image bach --models default --baseline HEAD~3  # REV's code and model too
 
 ``--image bach`` tiles the real BACH slide crops of ``../shared/data/bach-wsi-crops``
 (0.467 µm/px), rescaled to BACH's 0.42 µm/px, into one 2048×1536 image (nothing is
@@ -74,8 +75,10 @@ def one(model: str, image: str | None, threads: int) -> dict:
             runs.append(time.perf_counter() - t)
         return statistics.median(runs) * 1000
 
-    out = {"model": label, "image": image or "synthetic H&E 2048x1536", "tiles": tiles[-1],
-           "segment_s": round(seconds, 1), "headless_s": round(headless_s, 1), "candidates": len(det),
+    mm2 = rgb.shape[0] * rgb.shape[1] * mpp**2 / 1e6
+    out = {"model": label, "image": image or "synthetic H&E 2048x1536", "tiles": tiles[-1], "mm2": round(mm2, 3),
+           "segment_s": round(seconds, 1), "headless_s": round(headless_s, 1),
+           "headless_mm2_per_s": round(mm2 / headless_s, 3), "candidates": len(det),
            "headless_candidates": len(headless),
            "nuclei_at_defaults": len(det.refilter(cfg.default_score_threshold, cfg.default_nms_iou).ids),
            "refilter_ms": round(latency(det), 1)}
@@ -120,17 +123,23 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["default", "resnet50"])
     parser.add_argument("--image", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also run this benchmark as commit REV had it (its code, its shipped model)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.image, args.threads)))
         return
+    shared = ["--threads", str(args.threads)] + (["--image", args.image] if args.image else [])
     for model in args.models:
-        cmd = [sys.executable, __file__, "--one", model, "--threads", str(args.threads)]
-        if args.image:
-            cmd += ["--image", args.image]
+        cmd = [sys.executable, __file__, "--one", model, *shared]
         result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        print(json.dumps(result), flush=True)
+        print(json.dumps({**result, "rev": "working tree"}), flush=True)
+    if args.baseline:
+        from baseline import run_baseline
+
+        for result in run_baseline(args.baseline, __file__, ["--models", *args.models, *shared]):
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

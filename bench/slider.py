@@ -8,6 +8,7 @@ update), of the re-filter alone, and of the deferred table/boxes update that run
 slider rests. Under Xvfb the repaint is software OpenGL; on a desktop GPU it is far less.
 
     xvfb-run -a python bench/slider.py          # needs an X server (napari's canvas)
+    xvfb-run -a python bench/slider.py --filled # filled labels instead of the default outlines
 """
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ def candidates(seed: int = 0):
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--filled", action="store_true", help="filled labels (default: outlines, as the widget)")
+    args = parser.parse_args()
     import napari
     from qtpy.QtWidgets import QApplication
 
@@ -61,6 +67,7 @@ def main() -> None:
     w = SegmentWidget(viewer)
     viewer.window.add_dock_widget(w)
     w._score.value = 0.5
+    w._outlines.value = not args.filled
     w._on_done((det, ModelInfo(name="bench", nuclei_trained=True, steps=1), hematoxylin(rgb), 0.4), layer,
                "bach", {"scale": (0.42, 0.42), "units": ("um", "um")}, None)
     QApplication.processEvents()
@@ -87,7 +94,8 @@ def main() -> None:
         return round(float(np.quantile(xs, q)) * 1000, 1)
 
     print(json.dumps({"image": "synthetic H&E 2048x1536 at 0.42 µm/px", "candidates": len(det),
-                      "nuclei_shown": len(w.result.seg.ids), "step_ms_median": ms(steps), "step_ms_p90": ms(steps, 0.9),
+                      "nuclei_shown": len(w.result.seg.ids),
+                      "drawn_as": "filled labels" if args.filled else "outlines", "step_ms_median": ms(steps), "step_ms_p90": ms(steps, 0.9),
                       "widget_ms_median": ms(handler), "widget_ms_p90": ms(handler, 0.9),
                       "refilter_ms_median": ms(refilter), "deferred_table_and_boxes_ms": round(statistics.median(rest) * 1000, 1),
                       "steps": len(values)}))

@@ -17,7 +17,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
-from .model import BachMaskRCNN
+from .model import BachMaskRCNN, for_inference
 from .predict import Progress, drain, run_tiled
 
 LEVELS = ("P2", "P3", "P4", "P5", "P6")  # FPN outputs "0", "1", "2", "3", "pool"
@@ -156,6 +156,7 @@ def iter_proposals(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None
                    region: tuple[float, float, float, float], k: int = 200,
                    nms_iou: float = 0.7) -> Generator[Progress, None, tuple[Proposals, Proposals]]:
     """Top-k RPN proposals in ``region`` (image px) before and after NMS, tile by tile."""
+    model = for_inference(model)
     cfg = model.config
     x0, y0, x1, y1 = (int(round(c)) for c in region)
     if x1 <= x0 or y1 <= y0:

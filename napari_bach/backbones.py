@@ -51,6 +51,26 @@ def norm_layer(norm: str, eps: float = 1e-5) -> Callable[[int], nn.Module]:
     return lambda channels: misc_nn_ops.FrozenBatchNorm2d(channels, eps=eps)
 
 
+@torch.no_grad()
+def fold_frozen_bn(module: nn.Module) -> int:
+    """Fold each frozen BatchNorm into the convolution registered just before it (every
+    registry trunk applies them in that order): two passes over each feature map fewer, the
+    same outputs (a test checks each backbone). In place, for inference copies only: the
+    folded module's state dict no longer matches its config. Returns how many were folded."""
+    folded = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, misc_nn_ops.FrozenBatchNorm2d):
+                scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+                shift = bn.bias - bn.running_mean * scale
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift, requires_grad=False)
+                setattr(parent, name, nn.Identity())
+                folded += 1
+    return folded
+
+
 class FeatureBackbone(nn.Module):
     """Trunk (returning four feature maps) + FPN with a max-pooled P6: five levels."""
 

@@ -41,6 +41,9 @@ class ModelConfig:
     rpn_post_nms_test: int = 1000
     box_batch_size: int = 128
     box_positive_fraction: float = 0.25
+    # Bilinear samples per RoIAlign bin side (torchvision's default is 2): 1 is 4× fewer
+    # samples; box RoIAlign over every proposal is the costliest CPU step after the trunk.
+    roi_sampling_ratio: int = 2
     # Cached candidates: the floor under the score slider and the ceiling over the NMS
     # slider. Masks are computed for every candidate so refiltering never reruns the net.
     candidate_score: float = 0.05
@@ -61,6 +64,8 @@ class ModelConfig:
     tissue_classes: tuple[str, ...] = BACH_CLASSES
 
     def __post_init__(self) -> None:
+        if self.roi_sampling_ratio < 1:
+            raise ValueError("roi_sampling_ratio must be at least 1")
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.norm not in ("group", "frozen_bn", "bn"):
@@ -97,6 +102,14 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+# What a checkpoint's weights do not depend on: changed without retraining (``ship --config``,
+# ``evaluate --config``, :func:`napari_bach.model.with_settings`) and chosen on validation.
+INFERENCE_SETTINGS: tuple[str, ...] = (
+    "mpp", "tile_size", "tile_overlap", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_nms", "roi_sampling_ratio",
+    "candidate_score", "candidate_nms", "max_candidates_per_tile",
+    "default_score_threshold", "default_nms_iou", "default_min_area")
 
 
 @dataclass(frozen=True)

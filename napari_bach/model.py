@@ -7,8 +7,11 @@ probabilities and are pasted box-locally by :mod:`napari_bach.paste`.
 """
 from __future__ import annotations
 
+import copy
 import threading
+import weakref
 from collections import OrderedDict
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +21,13 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .backbones import PretrainedWeightsUnavailable, build_backbone, load_torchvision_weights  # noqa: F401
-from .config import ModelConfig
+from .backbones import PretrainedWeightsUnavailable, build_backbone, fold_frozen_bn, load_torchvision_weights  # noqa: F401
+from .config import INFERENCE_SETTINGS, ModelConfig
+from .rpn import NucleusRPN
+from .tiling import SIZE_DIVISIBLE
 
 NUM_DETECTION_CLASSES = 2  # background, nucleus
 _FLOOR_LOCK = threading.Lock()  # module-level: models stay deep-copyable (EMA, DDP)
@@ -60,7 +67,11 @@ class BachMaskRCNN(MaskRCNN):
     def __init__(self, backbone: nn.Module, config: ModelConfig, **kwargs) -> None:
         super().__init__(backbone, **kwargs)
         self.config = config
-        self.transform = _TileTransform(0, 0, list(config.mean), list(config.std), size_divisible=32)
+        self.transform = _TileTransform(0, 0, list(config.mean), list(config.std), size_divisible=SIZE_DIVISIBLE)
+        rpn = self.rpn  # the same network and settings, with sparse anchor labelling for training
+        self.rpn = NucleusRPN(rpn.anchor_generator, rpn.head, config.rpn_fg_iou, config.rpn_bg_iou,
+                              config.rpn_batch_size, rpn.fg_bg_sampler.positive_fraction, rpn._pre_nms_top_n,
+                              rpn._post_nms_top_n, rpn.nms_thresh, rpn.score_thresh)
         self.tissue_head = TissueHead(backbone.out_channels, len(config.tissue_classes))
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None, tissue_only: bool = False,
@@ -118,6 +129,7 @@ def build_model(config: ModelConfig, pretrained: str | None = None) -> BachMaskR
         raise ValueError("COCO Mask R-CNN weights exist for resnet50 only")
     backbone = build_backbone(config.backbone, config.norm, config.fpn_channels, pretrained == "imagenet")
     c = config.fpn_channels
+    levels = ["0", "1", "2", "3"]
     anchors = AnchorGenerator(config.anchor_sizes, (config.aspect_ratios,) * len(config.anchor_sizes))
     model = BachMaskRCNN(
         backbone,
@@ -132,6 +144,8 @@ def build_model(config: ModelConfig, pretrained: str | None = None) -> BachMaskR
         rpn_post_nms_top_n_train=config.rpn_post_nms_train,
         rpn_pre_nms_top_n_test=config.rpn_pre_nms_test,
         rpn_post_nms_top_n_test=config.rpn_post_nms_test,
+        box_roi_pool=MultiScaleRoIAlign(levels, 7, config.roi_sampling_ratio),
+        mask_roi_pool=MultiScaleRoIAlign(levels, 14, config.roi_sampling_ratio),
         box_head=TwoMLPHead(c * 7 * 7, config.box_head_dim),
         box_predictor=FastRCNNPredictor(config.box_head_dim, NUM_DETECTION_CLASSES),
         box_batch_size_per_image=config.box_batch_size,
@@ -145,6 +159,43 @@ def build_model(config: ModelConfig, pretrained: str | None = None) -> BachMaskR
     if pretrained == "coco":
         load_coco(model)
     return model
+
+
+def with_settings(model: BachMaskRCNN, **changes) -> BachMaskRCNN:
+    """The same weights under other inference settings (``config.INFERENCE_SETTINGS``:
+    working µm/px, tiling, proposal and candidate caps, RoIAlign sampling, thresholds)."""
+    unknown = set(changes) - set(INFERENCE_SETTINGS)
+    if unknown:
+        raise ValueError(f"{', '.join(sorted(unknown))} cannot change without retraining; "
+                         f"inference settings are {', '.join(INFERENCE_SETTINGS)}")
+    config = replace(model.config, **{k: type(getattr(model.config, k))(v) for k, v in changes.items()})
+    new = build_model(config)
+    new.load_state_dict(model.state_dict())
+    return new.to(next(model.parameters()).device).eval()
+
+
+_INFERENCE_COPIES: "weakref.WeakKeyDictionary[BachMaskRCNN, tuple]" = weakref.WeakKeyDictionary()
+
+
+def for_inference(model: BachMaskRCNN) -> BachMaskRCNN:
+    """An eval copy of ``model`` with frozen BatchNorm folded into the convolutions before
+    it: the same outputs, ~13% less CPU time per tile. A copy, so the model itself stays
+    trainable and saveable; made again when its weights or device change (fine-tuning,
+    validation during training). A model with nothing to fold is returned as it is."""
+    body = getattr(getattr(model, "backbone", None), "body", None)
+    if body is None or not any(isinstance(m, FrozenBatchNorm2d) for m in body.modules()):
+        return model
+    params = list(model.parameters())
+    key = (params[0].device, params[0].dtype, tuple(p._version for p in params))
+    cached = _INFERENCE_COPIES.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    twin = copy.deepcopy(model).eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    fold_frozen_bn(twin.backbone.body)
+    _INFERENCE_COPIES[model] = (key, twin)
+    return twin
 
 
 def load_coco(model: BachMaskRCNN) -> int:

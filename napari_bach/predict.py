@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .detections import Detections
 from .imageio import BACKGROUND_LEVEL
-from .model import BachMaskRCNN
+from .model import BachMaskRCNN, for_inference
 from .paste import mask_crops
 from .pixelsize import PixelSize
 from .tiling import Tile, tile_grid
@@ -115,7 +115,7 @@ def plan_tiles(image_shape: tuple[int, int], config, pixel_size: PixelSize | flo
     h, w = _scaled_shape(tuple(image_shape), factor)
     ph, pw = max(0, config.tile_size - h), max(0, config.tile_size - w)
     return TileGeometry(factor, tuple(image_shape), (h, w),
-                        tile_grid(h + ph, w + pw, config.tile_size, config.tile_overlap))
+                        tile_grid(h + ph, w + pw, config.tile_size, config.tile_overlap, balanced=True))
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -126,8 +126,8 @@ def default_batch_size(device: torch.device) -> int:
 def run_tiled(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None,
               step: Callable[[list[torch.Tensor]], list[T]], batch_size: int | None = None
               ) -> Generator[Progress, None, tuple[TileGeometry, list]]:
-    """Call ``step(tiles)`` (a batch of tiles on the model's device, inference mode, bf16
-    autocast on CUDA) on every tile that holds tissue; yields progress per batch, returns
+    """Call ``step(tiles)`` (a batch of tiles on the device of ``model``, an inference copy
+    from :func:`~napari_bach.model.for_inference`; inference mode, bf16 autocast on CUDA) on every tile that holds tissue; yields progress per batch, returns
     the geometry and ``(tile, output, tissue px)`` per tile.
 
     An unknown pixel size runs the image as if it were at the model's own µm/px."""
@@ -215,6 +215,7 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
     ``score_floor``: candidates from this score up only (masks for nothing below it): for
     runs whose threshold is known in advance; refiltering at that threshold or above
     gives the same nuclei as from the full candidate cache."""
+    model = for_inference(model)
     cfg = model.config
     pixel_size = as_pixel_size(pixel_size)
     step = flip_tta(model, score_floor) if tta else (lambda crops: model(crops, score_floor=score_floor))

@@ -71,14 +71,18 @@ TISSUE_LIKE = {
 
 
 def write_synthetic_slide(path, shape: tuple[int, int], mpp: float = 0.25, seed: int = 0, tile: int = 512,
-                          patch: int = 1024, tissue_fraction: float = 0.6) -> None:
+                          patch: int = 1024, tissue_fraction: float = 0.6,
+                          patches: list[np.ndarray] | None = None) -> None:
     """A pyramidal tiled TIFF (SubIFD levels, JPEG tiles, µm/px in the resolution tags)
     that looks like a slide: H&E-like tissue in an ellipse, glass around it. Written tile
-    by tile from a few synthetic patches, so a 20000² slide needs no 20000² array."""
+    by tile from a few patches (synthetic ones, or ``patches``: real tissue, square, at
+    ``mpp``), so a 20000² slide needs no 20000² array."""
     import tifffile
 
     h, w = shape
-    patches = [synthetic_he((patch, patch), mpp=mpp, seed=seed + k)[0] for k in range(4)]
+    if patches is None:
+        patches = [synthetic_he((patch, patch), mpp=mpp, seed=seed + k)[0] for k in range(4)]
+    patch = min(min(p.shape[:2]) for p in patches)
     glass = np.full((tile, tile, 3), 242, np.uint8)
     n_levels = max(1, int(np.floor(np.log2(max(h, w) / tile))) + 1)
 

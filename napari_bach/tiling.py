@@ -5,7 +5,12 @@ crosses a tile border is kept exactly once, by the tile that sees it whole.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+# The network pads its input to a multiple of this (the FPN's coarsest stride): balanced
+# tiles are cut to it, so no tile carries padding.
+SIZE_DIVISIBLE = 32
 
 
 @dataclass(frozen=True)
@@ -21,12 +26,18 @@ class Tile:
         return y0 <= cy < y1 and x0 <= cx < x1
 
 
-def _axis(length: int, size: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """(start, stop, core_start, core_stop) along one axis."""
+def _axis(length: int, size: int, overlap: int, balanced: bool) -> list[tuple[int, int, int, int]]:
+    """(start, stop, core_start, core_stop) along one axis. ``balanced``: as few tiles as
+    at ``size``, but shrunk and spread evenly so their overlaps are no larger than needed
+    (a fixed grid's last tile often overlaps its neighbour by most of its width)."""
     if length <= size:
         return [(0, length, 0, length)]
-    step = size - overlap
-    starts = list(range(0, length - size, step)) + [length - size]
+    n = math.ceil((length - overlap) / (size - overlap))
+    if balanced:
+        size = min(size, math.ceil((length + (n - 1) * overlap) / n / SIZE_DIVISIBLE) * SIZE_DIVISIBLE)
+        starts = [i * (length - size) // (n - 1) for i in range(n)]
+    else:
+        starts = list(range(0, length - size, size - overlap)) + [length - size]
     spans = [(s, s + size) for s in starts]
     out = []
     for i, (s, e) in enumerate(spans):
@@ -36,10 +47,11 @@ def _axis(length: int, size: int, overlap: int) -> list[tuple[int, int, int, int
     return out
 
 
-def tile_grid(height: int, width: int, size: int, overlap: int) -> list[Tile]:
-    """Tiles of ``size`` overlapping by at least ``overlap`` pixels, cores disjoint."""
+def tile_grid(height: int, width: int, size: int, overlap: int, balanced: bool = False) -> list[Tile]:
+    """Tiles of ``size`` (at most, when ``balanced``) overlapping by at least ``overlap``
+    pixels, cores disjoint. All tiles of a grid have one shape, so they batch."""
     return [
         Tile(ys, xs, ye, xe, (ylo, xlo, yhi, xhi))
-        for ys, ye, ylo, yhi in _axis(height, size, overlap)
-        for xs, xe, xlo, xhi in _axis(width, size, overlap)
+        for ys, ye, ylo, yhi in _axis(height, size, overlap, balanced)
+        for xs, xe, xlo, xhi in _axis(width, size, overlap, balanced)
     ]

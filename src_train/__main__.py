@@ -146,18 +146,20 @@ def cmd_evaluate(args) -> int:
     return evaluate_main(args, nuclei, tissue)
 
 
-INFERENCE_SETTINGS = ("candidate_score", "candidate_nms", "max_candidates_per_tile", "rpn_pre_nms_test",
-                      "rpn_post_nms_test", "rpn_nms", "tile_size", "tile_overlap", "default_nms_iou",
-                      "default_min_area")
+def _setting(text: str) -> tuple[str, int | float]:
+    """KEY=VALUE of an inference setting (config.INFERENCE_SETTINGS), VALUE of its type."""
+    from napari_bach.config import INFERENCE_SETTINGS, ModelConfig
 
-
-def _rebuilt(model):
-    """The same weights in a model built from its (changed) config."""
-    from napari_bach.model import build_model
-
-    new = build_model(model.config)
-    new.load_state_dict(model.state_dict())
-    return new.eval()
+    key, sep, value = text.partition("=")
+    if not sep or key not in INFERENCE_SETTINGS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected KEY=VALUE with KEY one of {', '.join(INFERENCE_SETTINGS)} "
+            "(the settings that change without retraining)")
+    kind = type(getattr(ModelConfig(), key))
+    try:
+        return key, kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {key} takes {kind.__name__} values") from None
 
 
 def cmd_ship(args) -> int:
@@ -184,18 +186,9 @@ def cmd_ship(args) -> int:
     if args.score_threshold is not None:  # e.g. the best of evaluate's score_sweep on validation
         model.config.default_score_threshold = args.score_threshold
     if args.config:  # inference settings only: the weights do not depend on them
-        from dataclasses import replace
+        from napari_bach.model import with_settings
 
-        changes = {}
-        for item in args.config:
-            key, _, value = item.partition("=")
-            if key not in INFERENCE_SETTINGS:
-                print(f"--config {item}: only {', '.join(INFERENCE_SETTINGS)} can change without retraining",
-                      file=sys.stderr)
-                return 2
-            changes[key] = type(getattr(model.config, key))(value)
-        model.config = replace(model.config, **changes)
-        model = _rebuilt(model)
+        model = with_settings(model, **dict(args.config))
     out = save_checkpoint(args.out, model, info, half=True)
     print(f"{out} ({out.stat().st_size / 1e6:.1f} MB): {info.status}")
     return 0
@@ -317,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--score-threshold", type=float, default=None, help="default: the model's own")
     e.add_argument("--nms-iou", type=float, default=None, help="default: the model's own")
     e.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes per tile)")
+    e.add_argument("--config", action="append", type=_setting, metavar="KEY=VALUE",
+                   help="evaluate under another inference setting (working mpp, tiling, proposal caps, "
+                        "roi_sampling_ratio), e.g. mpp=0.35; repeat for several")
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("ship", help="write a run's checkpoint as a small fp16 model file with its measured metrics")
@@ -328,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", default=None)
     s.add_argument("--data", default=None, help="describe the training data (default: as recorded by train)")
     s.add_argument("--score-threshold", type=float, default=None, help="the shipped model's default score threshold")
-    s.add_argument("--config", action="append", metavar="KEY=VALUE",
+    s.add_argument("--config", action="append", type=_setting, metavar="KEY=VALUE",
                    help="an inference setting of the shipped model (candidate caps, tiling), e.g. "
                         "max_candidates_per_tile=300; measure it with evaluate before shipping")
     s.set_defaults(func=cmd_ship)

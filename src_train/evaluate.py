@@ -10,6 +10,7 @@ import numpy as np
 
 from napari_bach.checkpoint import load_checkpoint
 from napari_bach.config import Thresholds
+from napari_bach.model import with_settings
 from napari_bach.predict import predict
 
 from .datasets import Sample
@@ -34,17 +35,21 @@ def score_nuclei(model, samples: list[Sample], score_thresholds, nms_iou: float,
 
 
 def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),
-             score_threshold: float | None = None, nms_iou: float | None = None, tta: bool = False) -> dict:
+             score_threshold: float | None = None, nms_iou: float | None = None, tta: bool = False,
+             settings: dict | None = None) -> dict:
     """Metrics of one model; nucleus images are segmented whole, at their own µm/px
     (``tta``: with flip test-time augmentation). Images from several sources (``group``)
     are also reported per group, with the sweep of their group means: unseen hospitals
-    count the same however many images each has."""
+    count the same however many images each has. ``settings``: inference settings to
+    change first (:func:`napari_bach.model.with_settings`)."""
     model, info = load_checkpoint(model_path)
+    if settings:
+        model = with_settings(model, **settings)
     cfg = model.config
     score = cfg.default_score_threshold if score_threshold is None else score_threshold
     nms = cfg.default_nms_iou if nms_iou is None else nms_iou
     result = {"model": str(model_path), "model_status": info.status, "score_threshold": score, "nms_iou": nms,
-              "tta": tta}
+              "tta": tta, "settings": settings or {}}
     if nuclei:
         by_threshold = score_nuclei(model, nuclei, sorted({score, *SCORE_SWEEP}), nms, tta)
         result["nuclei"] = pooled_nucleus_metrics(by_threshold[score])
@@ -131,7 +136,8 @@ def save_plots(result: dict, out: Path, log_csv: Path | None = None) -> list[Pat
 
 
 def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
-    result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou, args.tta)
+    result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou, args.tta,
+                      dict(args.config or ()))
     summary = {k: v for k, v in result.items() if k not in ("nuclei_per_image", "groups")}
     if "groups" in result:
         summary["groups"] = {g: v["nuclei"] for g, v in result["groups"].items()}

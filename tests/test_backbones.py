@@ -122,3 +122,23 @@ def test_old_resnet_checkpoints_keep_their_keys(tiny_checkpoint):
     names = set(model.state_dict())
     assert "backbone.body.layer1.0.conv1.weight" in names and "backbone.fpn.inner_blocks.0.0.weight" in names
     assert np.isfinite(model.backbone.body.conv1.weight.detach().numpy()).all()
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_folding_frozen_batchnorm_keeps_every_backbones_output(name):
+    """Inference copies fold BatchNorm into convolutions: the features must not change."""
+    torch.manual_seed(0)
+    body = backbones.build_backbone(name, "frozen_bn", 32).body.eval()
+    for bn in (m for m in body.modules() if isinstance(m, backbones.misc_nn_ops.FrozenBatchNorm2d)):
+        for buf in (bn.weight, bn.bias, bn.running_mean):  # statistics far from identity
+            buf.copy_(torch.randn_like(buf) * 0.3 + (1.0 if buf is bn.weight else 0.0))
+        bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
+    x = torch.rand(1, 3, 96, 64)
+    with torch.no_grad():
+        before = body(x)
+        n_bn = sum(isinstance(m, backbones.misc_nn_ops.FrozenBatchNorm2d) for m in body.modules())
+        assert backbones.fold_frozen_bn(body) == n_bn > 0
+        assert not any(isinstance(m, backbones.misc_nn_ops.FrozenBatchNorm2d) for m in body.modules())
+        after = body(x)
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=1e-4, atol=1e-4 * before[key].abs().max().item())

@@ -23,6 +23,23 @@ def test_tile_cores_partition_the_image():
     assert all(a[1] - b[0] >= 32 for a, b in zip(xs, xs[1:]))
 
 
+@pytest.mark.parametrize("length", [513, 700, 2150, 2867, 4097])
+def test_balanced_tiles_cover_with_the_same_count_and_less_overlap(length):
+    fixed = tile_grid(length, 64, 512, 96)
+    balanced = tile_grid(length, 64, 512, 96, balanced=True)
+    assert len(balanced) == len(fixed)
+    sizes = {t.y1 - t.y0 for t in balanced}
+    assert len(sizes) == 1 and sizes.pop() % 32 == 0  # one shape (tiles batch), no padding to 32
+    owners = np.zeros(length, int)
+    for t in balanced:
+        owners[t.core[0]:t.core[2]] += 1
+        assert t.y0 <= t.core[0] and t.core[2] <= t.y1
+    assert (owners == 1).all() and balanced[-1].y1 == length
+    spans = sorted((t.y0, t.y1) for t in balanced)
+    assert all(a[1] - b[0] >= 96 for a, b in zip(spans, spans[1:]))  # the model's context margin kept
+    assert sum(t.y1 - t.y0 for t in balanced) <= sum(t.y1 - t.y0 for t in fixed)
+
+
 def test_small_image_is_one_tile():
     (t,) = tile_grid(50, 60, 128, 32)
     assert (t.y0, t.x0, t.y1, t.x1) == (0, 0, 50, 60) and t.owns(49.9, 59.9)

@@ -117,3 +117,51 @@ def test_pretrained_loading_copies_matching_tensors(monkeypatch):
     model = build_model(ModelConfig(norm="frozen_bn"), pretrained="imagenet")
     torch.testing.assert_close(model.backbone.body.conv1.weight, reference["conv1.weight"])
     assert not model.backbone.body.conv1.weight.requires_grad  # stem frozen when fine-tuning
+
+
+def _randomise_frozen_bn(model):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for bn in (m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)):
+        bn.weight.copy_(torch.rand_like(bn.weight) + 0.5)
+        bn.running_mean.copy_(torch.randn_like(bn.running_mean) * 0.1)
+
+
+def test_inference_copy_folds_batchnorm_gives_the_same_detections_and_leaves_the_model_alone():
+    from napari_bach.model import for_inference
+    from napari_bach.predict import predict
+    from napari_bach.synthetic import synthetic_he
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(backbone="mobilenet_v2", norm="frozen_bn", fpn_channels=32, box_head_dim=64,
+                                    mask_head_channels=16, candidate_score=0.0))
+    _randomise_frozen_bn(model)
+    model.train()
+    keys = list(model.state_dict())
+    rgb = synthetic_he((160, 200), mpp=0.4, seed=1)[0]
+    twin = for_inference(model)
+    assert twin is not model and not twin.training and for_inference(model) is twin  # cached
+    assert model.training and list(model.state_dict()) == keys  # still trainable, still saveable
+    with torch.no_grad():
+        reference = [model.eval()([torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(3))])[0]]
+        folded = [twin([torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(3))])[0]]
+    torch.testing.assert_close(folded[0]["scores"], reference[0]["scores"], atol=1e-4, rtol=1e-4)
+    det = predict(rgb, model, 0.4)
+    assert len(det) > 0 and det.boxes.shape[1] == 4
+    with torch.no_grad():  # an optimizer step changes the weights: a new copy follows them
+        next(model.parameters()).add_(1.0)
+    assert for_inference(model) is not twin
+
+
+def test_inference_settings_change_without_retraining_and_nothing_else_does(tmp_path):
+    from napari_bach.model import with_settings
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    faster = with_settings(model, roi_sampling_ratio="1", mpp=0.35, rpn_post_nms_test=40)
+    assert faster.config.roi_sampling_ratio == 1 and faster.config.mpp == 0.35
+    assert faster.roi_heads.box_roi_pool.sampling_ratio == 1 and faster.rpn.post_nms_top_n() == 40
+    for a, b in zip(model.state_dict().values(), faster.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="cannot change without retraining"):
+        with_settings(model, fpn_channels=64)

@@ -150,7 +150,9 @@ def test_ship_writes_a_small_fp16_model_with_measured_metrics(tmp_path):
     assert model.config.default_score_threshold == 0.4
     assert model.config.max_candidates_per_tile == model.roi_heads.detections_per_img == 300
     assert model.config.candidate_score == model.roi_heads.score_thresh == 0.1
-    assert main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(out), "--config", "fpn_channels=64"]) == 2
+    with pytest.raises(SystemExit) as refused:  # architecture: needs retraining, an argparse error
+        main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(out), "--config", "fpn_channels=64"])
+    assert refused.value.code == 2
     assert info.metrics["validation"]["aji"] == 0.3 and info.nuclei_trained and not info.tissue_trained
     assert "1 steps in 0.5 h" in info.notes
 
@@ -179,6 +181,10 @@ def test_resume_starts_fresh_then_evaluate_reports_metrics(tmp_path, capsys):
     assert [r["score_threshold"] for r in result["score_sweep"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     assert result["score_sweep"][2]["f1"] == result["nuclei"]["f1"]
     assert (out / "curves.png").stat().st_size > 0
+    # and under another inference setting, recorded with the metrics
+    assert main(["evaluate", "--monuseg", str(root), "--val-fraction", "0.34", "--model", str(tmp_path / "run" / "last.pt"),
+                 "--out", str(out), "--config", "roi_sampling_ratio=1", "--config", "mpp=0.3"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["settings"] == {"roi_sampling_ratio": 1, "mpp": 0.3}
 
 
 def test_nucleus_metrics_match_hand_computation():

@@ -1,0 +1,54 @@
+"""Sparse anchor labelling gives torchvision's labels exactly, for less work."""
+import torch
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou
+
+from conftest import tiny_config
+from napari_bach.model import build_model
+
+
+def _boxes(n, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * (size - 8)
+    wh = 3 + torch.rand(n, 2, generator=g) * 60
+    boxes = torch.cat([xy, (xy + wh).clamp(max=size)], 1)
+    return torch.cat([boxes, boxes[:3]])  # exact duplicates: ties broken as torchvision does
+
+
+def test_sparse_matching_equals_torchvision_dense_matching():
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    rpn = model.rpn
+    for size, n, seed in ((128, 40, 0), (160, 200, 1), (96, 1, 2)):
+        x = torch.rand(1, 3, size, size)
+        feats = model.backbone(x)
+        images = ImageList(x, [(size, size)])
+        rpn._grids, rpn._image_size = [f.shape[-2:] for f in feats.values()], x.shape[-2:]
+        anchors = rpn.anchor_generator(images, list(feats.values()))[0]
+        gt = _boxes(n, size, seed)
+        pairs, _ = rpn._overlapping_pairs(gt, anchors)
+        assert pairs is not None and len(pairs) < 0.5 * len(gt) * len(anchors)  # sparse, not the fallback
+        sparse = rpn.match(gt, anchors)
+        dense = rpn.proposal_matcher(box_iou(gt, anchors))
+        assert torch.equal(sparse, dense)
+        assert (sparse >= 0).sum() >= len(gt) - 3  # every nucleus has an anchor (its best one)
+
+
+def test_training_losses_equal_torchvisions_rpn():
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    gt = _boxes(30, 128, 3)
+    target = {"boxes": gt, "labels": torch.ones(len(gt), dtype=torch.int64),
+              "masks": torch.zeros(len(gt), 128, 128, dtype=torch.uint8)}
+    x = [torch.rand(3, 128, 128)]
+    images, targets = model.transform(x, [target])
+    feats = model.backbone(images.tensors)
+    torch.manual_seed(5)
+    _, ours = model.rpn(images, feats, targets)
+    model.rpn.__class__ = RegionProposalNetwork  # torchvision's own labelling, same weights
+    torch.manual_seed(5)
+    _, theirs = model.rpn(images, feats, targets)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key])

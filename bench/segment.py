@@ -139,7 +139,7 @@ def main() -> None:
         from baseline import run_baseline
 
         for result in run_baseline(args.baseline, __file__, ["--models", *args.models, *shared]):
-            print(json.dumps(result), flush=True)
+            print(result if isinstance(result, str) else json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

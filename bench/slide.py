@@ -109,7 +109,7 @@ def main() -> None:
                 from baseline import run_baseline
 
                 for result in run_baseline(args.baseline, __file__, cmd):
-                    print(json.dumps(result), flush=True)
+                    print(result if isinstance(result, str) else json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

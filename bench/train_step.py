@@ -5,6 +5,7 @@ Uses MoNuSeg from ../shared/data when present, synthetic H&E otherwise. Each ste
 
     python bench/train_step.py [--steps 20] [--backbone resnet18] [--crop 384]
     python bench/train_step.py --backbone mobilenet_v2 --mpp 0.3 --profile   # where a CPU step goes
+    python bench/train_step.py --backbone mobilenet_v2 --mpp 0.3 --baseline HEAD~3   # and with REV's code
     python bench/train_step.py --device cuda --backbone resnet50 --batch-size 16 --workers 12
 
 ``--profile`` times each part of a step with forward hooks: augmentation (drawing the
@@ -39,7 +40,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--mpp", type=float, default=None, help="working µm/px (default: the preset's)")
     parser.add_argument("--profile", action="store_true", help="seconds per part of a step")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="then the same measurement with commit REV's napari_bach and src_train")
     args = parser.parse_args()
+    run(args)
+    if args.baseline:
+        import sys
+
+        from baseline import run_baseline, without_baseline
+
+        for line in run_baseline(args.baseline, __file__, without_baseline(sys.argv[1:])):
+            print(line, flush=True)
+
+
+def run(args) -> None:
     torch.set_num_threads(args.threads)
     if MONUSEG.exists():
         samples, source = load_monuseg(MONUSEG)[:6], "MoNuSeg"

@@ -18,20 +18,34 @@ from .metrics import nucleus_metrics, pooled_nucleus_metrics, roc_curve, tissue_
 
 
 SCORE_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+NMS_SWEEP = (0.3, 0.4, 0.5, 0.6)
+
+
+def sweep_nuclei(model, samples: list[Sample], score_thresholds, nms_values,
+                 tta: bool = False) -> dict[tuple[float, float], list[dict]]:
+    """Per-image nucleus metrics at each (score threshold, NMS IoU); the network runs once
+    per image and the pairs only re-filter its cached candidates. The model's minimum
+    nucleus area applies, as it does for users."""
+    out = {(t, n): [] for t in score_thresholds for n in nms_values}
+    for s in samples:
+        det = predict(s.image, model, s.mpp, tissue_trained=False, tta=tta)
+        min_area = Thresholds().min_area_px(s.mpp, model.config)
+        for t, n in out:
+            out[t, n].append(nucleus_metrics(s.labels, det.refilter(t, n, min_area=min_area).labels))
+    return out
 
 
 def score_nuclei(model, samples: list[Sample], score_thresholds, nms_iou: float,
                  tta: bool = False) -> dict[float, list[dict]]:
-    """Per-image nucleus metrics at each score threshold; the network runs once per image
-    and the thresholds only re-filter its cached candidates. The model's minimum nucleus
-    area applies, as it does for users."""
-    out = {t: [] for t in score_thresholds}
-    for s in samples:
-        det = predict(s.image, model, s.mpp, tissue_trained=False, tta=tta)
-        min_area = Thresholds().min_area_px(s.mpp, model.config)
-        for t in score_thresholds:
-            out[t].append(nucleus_metrics(s.labels, det.refilter(t, nms_iou, min_area=min_area).labels))
-    return out
+    """Per-image nucleus metrics at each score threshold, at one NMS IoU."""
+    return {t: v for (t, _), v in sweep_nuclei(model, samples, score_thresholds, [nms_iou], tta).items()}
+
+
+def _group_mean(per_image: list[dict], groups: list[str]) -> dict:
+    """Pooled metrics per group, then their mean: every unseen source counts the same."""
+    names = sorted(set(groups))
+    pooled = [pooled_nucleus_metrics([m for m, g in zip(per_image, groups) if g == name]) for name in names]
+    return {k: float(np.mean([p[k] for p in pooled])) for k in ("f1", "aji", "pq", "dice")}
 
 
 def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),
@@ -51,7 +65,8 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
     result = {"model": str(model_path), "model_status": info.status, "score_threshold": score, "nms_iou": nms,
               "tta": tta, "settings": settings or {}}
     if nuclei:
-        by_threshold = score_nuclei(model, nuclei, sorted({score, *SCORE_SWEEP}), nms, tta)
+        by_pair = sweep_nuclei(model, nuclei, sorted({score, *SCORE_SWEEP}), sorted({nms, *NMS_SWEEP}), tta)
+        by_threshold = {t: v for (t, n), v in by_pair.items() if n == nms}
         result["nuclei"] = pooled_nucleus_metrics(by_threshold[score])
         result["nuclei_per_image"] = [{"image": s.name, **m} for s, m in zip(nuclei, by_threshold[score])]
         result["score_sweep"] = [{"score_threshold": t, **pooled_nucleus_metrics(by_threshold[t])} for t in SCORE_SWEEP]
@@ -69,6 +84,10 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
                 {"score_threshold": t, **{k: float(np.mean([g["score_sweep"][j][k] for g in per_group.values()]))
                                           for k in ("f1", "aji", "pq", "dice")}}
                 for j, t in enumerate(SCORE_SWEEP)]
+        # both thresholds at once: the model's default NMS IoU is chosen here too
+        result["nms_sweep"] = [{"score_threshold": t, "nms_iou": n,
+                                **_group_mean(by_pair[t, n], [s.group for s in nuclei])}
+                               for t in SCORE_SWEEP for n in NMS_SWEEP]
     if tissue:
         if not info.tissue_trained:
             result["tissue"] = "not trained: this checkpoint's tissue head never saw tissue labels"
@@ -138,7 +157,9 @@ def save_plots(result: dict, out: Path, log_csv: Path | None = None) -> list[Pat
 def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
     result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou, args.tta,
                       dict(args.config or ()))
-    summary = {k: v for k, v in result.items() if k not in ("nuclei_per_image", "groups")}
+    summary = {k: v for k, v in result.items() if k not in ("nuclei_per_image", "groups", "nms_sweep")}
+    if "nms_sweep" in result:  # all of it in metrics.json
+        summary["best_score_and_nms_by_f1"] = max(result["nms_sweep"], key=lambda r: r["f1"])
     if "groups" in result:
         summary["groups"] = {g: v["nuclei"] for g, v in result["groups"].items()}
     if isinstance(summary.get("tissue"), dict):

@@ -180,6 +180,8 @@ def test_resume_starts_fresh_then_evaluate_reports_metrics(tmp_path, capsys):
     assert {"f1", "aji", "pq", "dice"} <= set(result["nuclei"])
     assert [r["score_threshold"] for r in result["score_sweep"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     assert result["score_sweep"][2]["f1"] == result["nuclei"]["f1"]
+    assert len(result["nms_sweep"]) == 7 * 4  # score thresholds × NMS IoUs, the network run once
+    assert [r["f1"] for r in result["nms_sweep"] if r["nms_iou"] == 0.5][2] == pytest.approx(result["nuclei"]["f1"])
     assert (out / "curves.png").stat().st_size > 0
     # and under another inference setting, recorded with the metrics
     assert main(["evaluate", "--monuseg", str(root), "--val-fraction", "0.34", "--model", str(tmp_path / "run" / "last.pt"),

@@ -27,7 +27,8 @@ def run_baseline(rev: str, script: str, args: list[str]) -> Iterator[dict | str]
                             capture_output=True, text=True)
     if commit.returncode != 0:
         raise SystemExit(f"--baseline {rev}: not a commit of {ROOT} ({commit.stderr.strip()})")
-    label = f"{rev} ({commit.stdout.strip()})"
+    short = commit.stdout.strip()
+    label = short if short.startswith(rev) or rev.startswith(short) else f"{rev} ({short})"
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tree:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "napari_bach", "src_train"],
                                  capture_output=True, check=True).stdout

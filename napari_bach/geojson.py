@@ -18,15 +18,14 @@ from .measure import COLUMNS
 def polygons(labels: np.ndarray, ids: np.ndarray, offset: tuple[int, int]) -> list[list[list[float]]]:
     """One closed outer ring per nucleus (x, y in level-0 pixels), from its mask's contour."""
     from scipy import ndimage
-    from skimage.measure import approximate_polygon, find_contours
+    from skimage.measure import find_contours
 
     rings = []
     slices = ndimage.find_objects(labels)
     for i in ids:
         sl = slices[i - 1]
         mask = np.pad(labels[sl] == i, 1)
-        contour = max(find_contours(mask.astype(np.uint8), 0.5), key=len)
-        contour = approximate_polygon(contour, 0.5)
+        contour = _corners(max(find_contours(mask.astype(np.uint8), 0.5), key=len))
         ys = contour[:, 0] - 1 + sl[0].start + offset[0]
         xs = contour[:, 1] - 1 + sl[1].start + offset[1]
         ring = np.stack([xs, ys], axis=1).round(2).tolist()
@@ -34,6 +33,19 @@ def polygons(labels: np.ndarray, ids: np.ndarray, offset: tuple[int, int]) -> li
             ring.append(ring[0])
         rings.append(ring)
     return rings
+
+
+def _corners(contour: np.ndarray) -> np.ndarray:
+    """The contour's corners only: points on a straight run (marching squares puts one on
+    every pixel edge) say nothing. Exact, unlike Douglas-Peucker, and vectorised: the
+    Python-loop simplification cost more than segmenting on slides."""
+    d = np.diff(contour, axis=0)  # closed: last point == first
+    turn = np.abs(d[:, 0] * np.roll(d, 1, axis=0)[:, 1] - d[:, 1] * np.roll(d, 1, axis=0)[:, 0]) > 1e-9
+    keep = np.append(turn, False)
+    if keep.sum() < 3:
+        return contour
+    corners = contour[keep]
+    return np.vstack([corners, corners[:1]])
 
 
 def geojson_features(rings: list, table: dict, ids, model_name: str) -> list[dict]:

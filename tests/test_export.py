@@ -69,3 +69,28 @@ def test_invalid_labels_write_nothing(tmp_path, bad, reason):
     with pytest.raises(ValueError, match=reason):
         export_sample(tmp_path / "ds", "x", rgb, bad, 0.42)
     assert not (tmp_path / "ds").exists()  # validated before anything is created
+
+
+def test_qupath_polygons_are_the_masks_exactly_with_corners_only():
+    """Outlines for QuPath keep only the contour's corners, and still enclose exactly the
+    mask's pixels (pixel centres inside the polygon)."""
+    from matplotlib.path import Path as Polygon
+    from scipy import ndimage
+
+    from napari_bach.geojson import polygons
+    from napari_bach.synthetic import synthetic_he
+
+    _, labels = synthetic_he((300, 300), mpp=0.4, seed=4)
+    ids = np.unique(labels)[1:]
+    rings = polygons(labels, ids, (10, 20))
+    slices = ndimage.find_objects(labels)
+    for i, ring in zip(ids, rings):
+        ring = np.array(ring)
+        assert (ring[0] == ring[-1]).all() and len(ring) >= 4
+        sl = slices[i - 1]
+        ys, xs = np.mgrid[sl[0], sl[1]]
+        inside = Polygon(ring - [20, 10]).contains_points(np.c_[xs.ravel(), ys.ravel()]).reshape(ys.shape)
+        assert (inside == (labels[sl] == i)).all()
+    straight = np.zeros((12, 12), np.int32)
+    straight[2:9, 3:10] = 1  # a square: four sides and four half-pixel corner cuts, closed
+    assert len(polygons(straight, np.array([1]), (0, 0))[0]) == 9

@@ -35,7 +35,7 @@ from .tiling import Tile, tile_grid
 HALO_UM = 40.0  # context around each block: a nucleus (≤ 30 µm) on the border is seen whole
 CHUNK = 1024  # labels zarr chunk side
 FORMAT = "napari-bach-slide"
-VERSION = 1
+VERSION = 2  # 2: balanced blocks (a version 1 run's block numbers mean other blocks)
 
 
 @dataclass
@@ -143,7 +143,7 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
     y0, x0, y1, x1 = settings["region"]
     limits = thresholds.resolve(model.config)
     min_area_px = limits.min_area_px(slide.pixel_size.mpp, model.config)
-    blocks = tile_grid(y1 - y0, x1 - x0, block_size, 2 * settings["halo"])
+    blocks = tile_grid(y1 - y0, x1 - x0, block_size, 2 * settings["halo"], balanced=True)
     state = existing_run(out_dir, stem, settings)
     if state is not None and state.get("finished"):
         yield Progress(len(blocks), len(blocks), "already finished: nothing to do")

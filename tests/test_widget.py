@@ -305,3 +305,26 @@ def test_candidates_below_the_slider_are_computed_when_the_slider_reaches_them(v
     qtbot.waitUntil(lambda: w.worker is None and w.result.det is not det, timeout=120_000)
     assert w.result.det.score_floor <= 0.1 and len(w.result.det) >= len(det)
     assert (viewer.layers["he nuclei"].data[:6, :6] > 0).all()  # the edit survived the re-run
+
+
+def test_slider_writes_each_changed_nucleus_as_a_small_redraw_in_one_undo_step(viewer):
+    """Outlines are recomputed over the box of each write: scattered nuclei are written one
+    by one (small boxes), and the whole change is still one undo step."""
+    from napari_bach._qt.layers import write_changed_nuclei
+
+    before = np.zeros((400, 500), np.int32)
+    before[10:20, 10:20] = 1
+    before[300:320, 400:420] = 2
+    layer = viewer.add_labels(before.copy())
+    layer.contour = 1
+    after = before.copy()
+    after[10:20, 10:20] = 0  # nucleus 1 hidden, 3 shown far away, 2 unchanged
+    after[350:360, 30:45] = 3
+    boxes = []
+    layer.events.labels_update.connect(lambda e: boxes.append(e.data.shape[:2]))
+    assert write_changed_nuclei(layer, after) == 2
+    np.testing.assert_array_equal(layer.data, after)
+    assert boxes and max(h * w for h, w in boxes) < 0.01 * after.size  # never the whole image
+    layer.undo()
+    np.testing.assert_array_equal(layer.data, before)
+    assert write_changed_nuclei(layer, before) == 0

@@ -46,3 +46,23 @@ def result_layers(seg: Segmentation, source: str, placement: dict, features: dic
         "metadata": {ROLE_KEY: {"role": "boxes", "source": source}},
     }, "shapes")
     return [labels, box_layer]
+
+
+def write_changed_nuclei(layer, labels: np.ndarray) -> int:
+    """Write into a Labels layer only the pixels that differ from ``labels``, one nucleus
+    at a time, as one undo step. napari redraws the bounding box of what a write changed
+    (and recomputes outlines there): one write of nuclei scattered over the image would
+    redraw all of it, so each nucleus that appears or disappears is its own small redraw.
+    Returns how many nuclei changed."""
+    data = np.asarray(layer.data)
+    changed = np.flatnonzero(data.ravel() != labels.ravel())
+    if not changed.size:
+        return 0
+    new, old = labels.ravel()[changed], data.ravel()[changed]
+    nucleus = np.where(new != 0, new, old)
+    order = np.argsort(nucleus, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(nucleus[order])) + 1)
+    with layer.block_history():
+        for group in groups:
+            layer.data_setitem(np.unravel_index(changed[group], data.shape), new[group])
+    return len(groups)

@@ -20,7 +20,7 @@ from ..pixelsize import EXPLICIT, PixelSize
 from ..predict import iter_predict
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, image_and_placement,
                      layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, tissue_text, wrap)
-from .layers import OUTLINE_PX, result_layers
+from .layers import OUTLINE_PX, result_layers, write_changed_nuclei
 
 if TYPE_CHECKING:
     import napari
@@ -240,11 +240,7 @@ class SegmentWidget(Container):
         r.seg = r.det.refilter(float(self._score.value), float(self._nms.value), r.edits, self._min_area_px())
         layer = self._labels_layer()
         if layer is not None and layer.data.shape == r.seg.labels.shape:
-            # Only the nuclei that appear or disappear are written: a partial redraw, not
-            # a new layer image (napari records it as one undo step).
-            changed = np.flatnonzero(np.asarray(layer.data).ravel() != r.seg.labels.ravel())
-            if changed.size:
-                layer.data_setitem(np.unravel_index(changed, layer.data.shape), r.seg.labels.ravel()[changed])
+            write_changed_nuclei(layer, r.seg.labels)
             r.seg.labels = layer.data
         self._put_layers({"index": r.seg.ids, "score": r.seg.scores}, boxes=False)
         r.shown = np.array(r.seg.labels)  # a copy: the user edits the layer's array in place

@@ -27,20 +27,20 @@ from pathlib import Path
 
 BACH_CROPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bach-wsi-crops"
 BACH_MPP = 0.467
+TISSUE_MPP = {"bach": BACH_MPP, "synthetic": 0.25}  # µm/px of each kind of benchmark slide
 
 
-def write_slide(path: Path, size: int, tissue: str) -> float:
-    """The benchmark slide (written once per size and tissue, by this working tree's code);
-    returns its µm/px."""
+def write_slide(path: Path, size: int, tissue: str) -> None:
+    """The benchmark slide (written once per size and tissue, by this working tree's code)
+    at ``TISSUE_MPP[tissue]``."""
     from napari_bach.imageio import read_image
     from napari_bach.synthetic import write_synthetic_slide
 
     if tissue == "bach":
         crops = [read_image(p).rgb for p in sorted(BACH_CROPS.glob("*.png"))]
-        write_synthetic_slide(path, (size, size), mpp=BACH_MPP, patches=crops)
-        return BACH_MPP
-    write_synthetic_slide(path, (size, size), mpp=0.25, seed=0)
-    return 0.25
+        write_synthetic_slide(path, (size, size), mpp=TISSUE_MPP[tissue], patches=crops)
+    else:
+        write_synthetic_slide(path, (size, size), mpp=TISSUE_MPP[tissue], seed=0)
 
 
 def one(path: Path, mpp: float, device: str, threads: int, block: int, workdir: Path) -> dict:
@@ -96,10 +96,8 @@ def main() -> None:
         for size in sizes:
             path = workdir / f"{args.tissue}_{size}.tif"
             if not path.exists():
-                mpp = write_slide(path, size, args.tissue)
-            else:
-                mpp = BACH_MPP if args.tissue == "bach" else 0.25
-            slides.append((path, mpp))
+                write_slide(path, size, args.tissue)
+            slides.append((path, TISSUE_MPP[args.tissue]))
         for path, mpp in slides:
             cmd = ["--one", str(path), "--mpp", str(mpp), "--device", args.device, "--threads", str(args.threads),
                    "--block", str(args.block), "--workdir", str(workdir)]

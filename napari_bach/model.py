@@ -38,7 +38,7 @@ class _TileTransform(GeneralizedRCNNTransform):
 
     channels_last = False  # set for CPU inference: ~25% faster convolutions
 
-    def batch_images(self, images, size_divisible: int = 32):
+    def batch_images(self, images, size_divisible: int = SIZE_DIVISIBLE):
         batch = super().batch_images(images, size_divisible)
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 

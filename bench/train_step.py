@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--mpp", type=float, default=None, help="working µm/px (default: the preset's)")
+    parser.add_argument("--fpn-channels", type=int, default=None, help="FPN/RPN width (default: the preset's)")
     parser.add_argument("--profile", action="store_true", help="seconds per part of a step")
     parser.add_argument("--baseline", metavar="REV", default=None,
                         help="then the same measurement with commit REV's napari_bach and src_train")
@@ -66,6 +67,8 @@ def run(args) -> None:
                           device=device, batch_size=args.batch_size, workers=args.workers)
         cfg.augment.crop = args.crop
         overrides = {"mpp": args.mpp} if args.mpp else {}
+        if args.fpn_channels:
+            overrides["fpn_channels"] = args.fpn_channels
         trainer = Trainer(ModelConfig.preset(args.backbone, **overrides), cfg, samples, [])
         parts = _profile(trainer) if args.profile else None
         times = []

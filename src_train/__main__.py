@@ -56,6 +56,8 @@ def _configs(args):
         overrides["mpp"] = args.mpp
     if args.pretrained:
         overrides["norm"] = "frozen_bn"
+    if args.fpn_channels:
+        overrides["fpn_channels"] = args.fpn_channels
     model_cfg = ModelConfig.preset(args.backbone or "resnet18", **overrides)
     cfg = TrainConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, val_every=args.val_every, patience=args.patience,
@@ -84,7 +86,8 @@ def cmd_train(args) -> int:
             print(f"--init {args.init} is a {init_cfg.backbone} model; --backbone {args.backbone} cannot start from it",
                   file=sys.stderr)
             return 2
-        model_cfg = ModelConfig.from_dict({**init_cfg.to_dict(), "mpp": args.mpp or init_cfg.mpp})
+        model_cfg = ModelConfig.from_dict({**init_cfg.to_dict(), "mpp": args.mpp or init_cfg.mpp,
+                                           "fpn_channels": args.fpn_channels or init_cfg.fpn_channels})
     train, val, notes = _load_nuclei(args)
     tissue = []
     if args.bach:
@@ -272,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument("--stain-sigma", type=float, default=aug.stain_sigma, help="H&E stain jitter strength")
         t.add_argument("--jpeg-p", type=float, default=aug.jpeg_p, help="share of crops JPEG re-compressed")
         t.add_argument("--mpp", type=float, default=None, help="working µm/px (default 0.4)")
+        t.add_argument("--fpn-channels", type=int, default=None,
+                       help="FPN/RPN width (default: the backbone's preset or --init's; narrower than --init's "
+                            "starts from its most used channels)")
         t.add_argument("--epochs", type=int, default=50)
         t.add_argument("--max-steps", type=int, default=0)
         t.add_argument("--batch-size", type=int, default=2)

@@ -34,6 +34,7 @@ from napari_bach.model import BachMaskRCNN, build_model
 from .augment import AugmentConfig
 from .datasets import Sample, rescale_sample
 from .loader import CropStream, make_loader
+from .narrow import narrow_fpn
 from .metrics import pooled_nucleus_metrics
 
 LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask", "loss_tissue")
@@ -238,10 +239,14 @@ class Trainer:
 
     def init_from(self, path: str | Path) -> int:
         """Warm start: weights only from a napari-bach checkpoint (a new schedule, optimizer
-        and step count). Tensors whose name and shape match are copied; returns how many."""
+        and step count). Tensors whose name and shape match are copied; returns how many.
+        A wider FPN is narrowed to this model's channels first (:func:`narrow_fpn`)."""
         payload = read_checkpoint(path)
         own = self.model.state_dict()
-        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()
+        state = payload["state_dict"]
+        if "rpn.head.conv.0.0.weight" in state and state["rpn.head.conv.0.0.weight"].shape[0] != self.model_cfg.fpn_channels:
+            state = narrow_fpn(state, self.model_cfg.fpn_channels)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
                  if k in own and own[k].shape == v.shape}
         if not any(k.startswith("backbone.") for k in state):
             raise ValueError(f"{path}: its backbone does not fit this model's ({self.model_cfg.backbone})")

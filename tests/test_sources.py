@@ -120,15 +120,17 @@ def test_train_on_a_data_list_validates_per_group_then_warm_starts_on_a_time_bud
     assert {"monuseg", "cpm15", "consep"} <= set(val) and val["monuseg"]["images"] == 1
     assert val["pq"] == pytest.approx(np.mean([val[g]["pq"] for g in ("monuseg", "cpm15", "consep")]))
 
-    # --init: the checkpoint's architecture, a new schedule; --max-hours ends the run on time
+    # --init: the checkpoint's architecture (FPN narrowed on request), a new schedule;
+    # --max-hours ends the run on time
     assert main(["train", *common, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a" / "last.pt"),
-                 "--max-hours", "0.0005", "--val-every-steps", "1000"]) == 0
+                 "--max-hours", "0.0005", "--val-every-steps", "1000", "--fpn-channels", "64"]) == 0
     err = capsys.readouterr().err
     assert "warm start from" in err
     from napari_bach.checkpoint import read_checkpoint
 
     payload = read_checkpoint(tmp_path / "b" / "last.pt")
     assert payload["config"]["backbone"] == "mobilenet_v2" and payload["config"]["mpp"] == 0.5
+    assert payload["config"]["fpn_channels"] == 64
     assert "warm-started from last.pt" in payload["info"]["notes"]
     assert 1.8 <= payload["train_state"]["seconds"] < 30  # stopped once 1.8 s of training were spent
     assert (tmp_path / "b" / "best.pt").exists()  # the final weights were validated

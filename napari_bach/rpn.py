@@ -6,6 +6,10 @@ nucleus overlaps only the few hundred anchors around it. Anchors lie on a grid p
 level, so the anchors that can overlap a box are a window of cells per anchor shape:
 IoUs are computed for those pairs only, and the labels are torchvision's (same thresholds,
 same low-quality matches, same ties broken towards the lowest index as ``max`` does).
+
+At inference torchvision decodes a box for every anchor (~100,000 per tile) and then keeps
+the top ``pre_nms_top_n`` per level: here each level's top anchors are chosen from the
+objectness first and only their boxes are made, with torchvision's arithmetic.
 """
 from __future__ import annotations
 
@@ -16,14 +20,38 @@ from torchvision.ops import box_iou
 
 
 class NucleusRPN(RegionProposalNetwork):
-    """RegionProposalNetwork whose ``assign_targets_to_anchors`` is sparse (training only;
-    inference is torchvision's)."""
+    """RegionProposalNetwork with sparse anchor labelling in training and boxes decoded
+    for each level's top anchors only at inference; both give torchvision's results."""
 
     def forward(self, images, features, targets=None):
-        if self.training:  # the grid of each level, for the sparse matching below
-            self._grids = [(f.shape[-2], f.shape[-1]) for f in features.values()]
-            self._image_size = images.tensors.shape[-2:]
+        if not self.training:
+            return self._propose(images, list(features.values())), {}
+        self._grids = [(f.shape[-2], f.shape[-1]) for f in features.values()]  # for the sparse matching
+        self._image_size = images.tensors.shape[-2:]
         return super().forward(images, features, targets)
+
+    def _propose(self, images, features: list[Tensor]) -> list[Tensor]:
+        objectness, deltas = self.head(features)
+        first = features[0]
+        self.anchor_generator.set_cell_anchors(first.dtype, first.device)
+        height, width = images.tensors.shape[-2:]
+        n = first.shape[0]
+        batch = torch.arange(n, device=first.device)[:, None]
+        boxes, scores, counts = [], [], []
+        for obj, delta, base in zip(objectness, deltas, self.anchor_generator.cell_anchors):
+            _, a, h, w = obj.shape
+            flat = obj.permute(0, 2, 3, 1).reshape(n, -1)  # anchor (y·w + x)·a + k, as torchvision orders them
+            top, idx = flat.topk(min(self.pre_nms_top_n(), flat.shape[1]), dim=1)
+            cell, k = idx // a, idx % a
+            y, x = cell // w, cell % w
+            codes = delta.view(n, a, 4, h, w).permute(0, 1, 3, 4, 2)[batch, k, y, x]
+            sx, sy = x * (width // w), y * (height // h)  # int shifts, as grid_anchors makes them
+            anchors = base[k] + torch.stack([sx, sy, sx, sy], -1)
+            boxes.append(self.box_coder.decode_single(codes.reshape(-1, 4), anchors.reshape(-1, 4)).view(n, -1, 4))
+            scores.append(top)
+            counts.append(top.shape[1])
+        kept, _ = self.filter_proposals(torch.cat(boxes, 1), torch.cat(scores, 1), images.image_sizes, counts)
+        return kept
 
     def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]):
         labels, matched_gt_boxes = [], []

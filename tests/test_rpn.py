@@ -52,3 +52,22 @@ def test_training_losses_equal_torchvisions_rpn():
     _, theirs = model.rpn(images, feats, targets)
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key])
+
+
+def test_inference_proposals_equal_torchvisions_rpn():
+    """Decoding only each level's top anchors gives torchvision's proposals exactly."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    model.rpn._pre_nms_top_n["testing"] = 50  # below a level's anchor count: the top-k matters
+    x = [torch.rand(3, 160, 128), torch.rand(3, 150, 120)]
+    with torch.no_grad():
+        images, _ = model.transform(x)
+        feats = model.backbone(images.tensors)
+        ours, _ = model.rpn(images, feats)
+        model.rpn.__class__ = RegionProposalNetwork
+        theirs, _ = model.rpn(images, feats)
+    assert len(ours[0]) > 20
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)

@@ -62,14 +62,24 @@ class Detections:
         return len(self.scores)
 
     def select(self, score_threshold: float, nms_iou: float) -> np.ndarray:
-        """Indices of candidates kept by the threshold and NMS, best score first."""
-        idx = np.flatnonzero(self.scores >= score_threshold)
-        if idx.size == 0:
-            return idx
-        if nms_iou < self.candidate_nms:
-            keep = nms(torch.from_numpy(self.boxes[idx]).float(), torch.from_numpy(self.scores[idx]).float(), nms_iou)
-            return idx[keep.numpy()]
-        return idx[np.argsort(-self.scores[idx], kind="stable")]
+        """Indices of candidates kept by the threshold and NMS, best score first.
+
+        Greedy NMS keeps or drops a box by the better-scored boxes only, so the boxes it
+        keeps above a threshold are those it keeps over all candidates, cut at that score:
+        NMS runs once per IoU, and a higher threshold gives a prefix of a lower one's."""
+        ranked = self._ranked(nms_iou)
+        return ranked[self.scores[ranked] >= score_threshold]
+
+    def _ranked(self, nms_iou: float) -> np.ndarray:
+        nms_iou = min(float(nms_iou), self.candidate_nms)
+        cache = self.__dict__.setdefault("_ranked_by_iou", {})
+        if nms_iou not in cache:
+            if nms_iou < self.candidate_nms and len(self):
+                keep = nms(torch.from_numpy(self.boxes).float(), torch.from_numpy(self.scores).float(), nms_iou)
+                cache[nms_iou] = keep.numpy()
+            else:
+                cache[nms_iou] = np.argsort(-self.scores, kind="stable")
+        return cache[nms_iou]
 
     @cached_property
     def areas(self) -> np.ndarray:
@@ -83,22 +93,9 @@ class Detections:
         ``min_area`` (pixels): smaller candidates, and what is left visible of a larger
         one that others cover, are fragments, not nuclei. With ``edits``, nuclei the user
         deleted or redrew stay as the user left them, and hand-drawn nuclei are pasted
-        over the model's (whatever their size)."""
-        order = self.select(score_threshold, nms_iou)
-        if min_area > 0 and order.size:
-            order = order[self.areas[order] >= min_area]
-        if edits is not None and edits.removed:
-            order = order[~np.isin(order + 1, np.fromiter(edits.removed, np.int64))]
-        labels, written = paste_labels(self.image_shape, self.offsets, self.crops, order)
-        ids, boxes, scores = order + 1, self.boxes[order], self.scores[order]
-        visible = written >= max(1.0, min_area)  # drop empty, covered and fragment-sized remains
-        if min_area > 0:
-            for k in order[(written > 0) & ~visible]:
-                _erase(labels, k + 1, self.offsets[k], self.crops[k].shape)
-        if edits is not None and edits.drawn:  # hand-drawn nuclei may cover model ones
-            ids, boxes, scores = edits.paste_onto(labels, ids, boxes, scores)
-            visible = (np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1) > 0)[ids]
-        return Segmentation(labels, ids[visible], boxes[visible], scores[visible], self.pixel_size)
+        over the model's (whatever their size). A slider uses :class:`LiveLabels`, which
+        gives the same result for the nuclei that change only."""
+        return LiveLabels(self).refilter(score_threshold, nms_iou, edits, min_area)
 
     @classmethod
     def concatenate(cls, parts: list["Detections"], image_shape: tuple[int, int], **kw) -> "Detections":
@@ -114,3 +111,53 @@ def _erase(labels: np.ndarray, label: int, offset: np.ndarray, shape: tuple[int,
     y0, x0 = max(0, int(offset[0])), max(0, int(offset[1]))
     window = labels[y0:int(offset[0]) + shape[0], x0:int(offset[1]) + shape[1]]
     window[window == label] = 0
+
+
+class LiveLabels:
+    """Re-filters one :class:`Detections` again and again, as a slider moves.
+
+    Candidates are pasted best-first and each only takes free pixels, so the labels of a
+    kept list that extends (or cuts) the previous one are the previous labels with the
+    added candidates pasted (or the cut ones erased): a score-slider step costs the
+    nuclei that appear or disappear, not the image. Anything else is pasted afresh."""
+
+    def __init__(self, det: Detections) -> None:
+        self.det = det
+        self._order = np.zeros(0, np.int64)
+        self._pasted: np.ndarray | None = None  # labels before fragments are erased and edits pasted
+        self._written = np.zeros(0, np.int64)
+
+    def refilter(self, score_threshold: float, nms_iou: float, edits: Edits | None = None,
+                 min_area: float = 0.0) -> Segmentation:
+        """What :meth:`Detections.refilter` returns for these thresholds."""
+        det = self.det
+        order = det.select(score_threshold, nms_iou)
+        if min_area > 0 and order.size:
+            order = order[det.areas[order] >= min_area]
+        if edits is not None and edits.removed:
+            order = order[~np.isin(order + 1, np.fromiter(edits.removed, np.int64))]
+        self._paste(order)
+        labels = self._pasted.copy()
+        ids, boxes, scores = order + 1, det.boxes[order], det.scores[order]
+        visible = self._written >= max(1.0, min_area)  # drop empty, covered and fragment-sized remains
+        if min_area > 0:
+            for k in order[(self._written > 0) & ~visible]:
+                _erase(labels, k + 1, det.offsets[k], det.crops[k].shape)
+        if edits is not None and edits.drawn:  # hand-drawn nuclei may cover model ones
+            ids, boxes, scores = edits.paste_onto(labels, ids, boxes, scores)
+            visible = (np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1) > 0)[ids]
+        return Segmentation(labels, ids[visible], boxes[visible], scores[visible], det.pixel_size)
+
+    def _paste(self, order: np.ndarray) -> None:
+        det, old = self.det, self._order
+        n = min(len(order), len(old))
+        if self._pasted is None or not np.array_equal(order[:n], old[:n]):
+            self._pasted, self._written = paste_labels(det.image_shape, det.offsets, det.crops, order)
+        elif len(order) < len(old):  # the cut candidates only ever took free pixels
+            for k in old[n:]:
+                _erase(self._pasted, k + 1, det.offsets[k], det.crops[k].shape)
+            self._written = self._written[:n]
+        elif len(order) > len(old):
+            _, more = paste_labels(det.image_shape, det.offsets, det.crops, order[n:], into=self._pasted)
+            self._written = np.concatenate([self._written, more])
+        self._order = order

@@ -48,11 +48,11 @@ def mask_crops(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int,
 
 
 def paste_labels(shape: tuple[int, int], offsets: np.ndarray, crops: list[np.ndarray],
-                 order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Paste crops in ``order`` into one int32 label image, crop ``i`` as label ``i + 1``;
-    earlier crops keep contested pixels (pass them best-first). Also returns how many
-    pixels each pasted crop got (0: empty or fully covered)."""
-    labels = np.zeros(shape, np.int32)
+                 order: np.ndarray, into: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Paste crops in ``order`` into one int32 label image (a new one, or ``into``), crop
+    ``i`` as label ``i + 1``; labelled pixels are kept (pass crops best-first). Also
+    returns how many pixels each pasted crop got (0: empty or fully covered)."""
+    labels = np.zeros(shape, np.int32) if into is None else into
     written = np.zeros(len(order), np.int64)
     for k, i in enumerate(order):
         crop = crops[i]

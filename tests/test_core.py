@@ -222,3 +222,41 @@ def test_edits_carry_over_to_a_new_run():
     carried = edits.carried_to(old, new, first_free=4)
     assert carried.removed == {2}  # new candidate 2 overlaps deleted nucleus 1; 3 was redrawn, not deleted
     assert sorted(carried.drawn) == [4, 5] and carried.drawn[4][3] == pytest.approx(0.7)
+
+
+def test_live_labels_equal_a_fresh_refilter_along_a_slider_walk():
+    """A score step pastes or erases only the nuclei that change; any move (score, NMS,
+    minimum area, deleted nuclei) gives exactly what re-filtering from scratch gives."""
+    from napari_bach.detections import LiveLabels
+    from napari_bach.edit import Edits
+
+    rng = np.random.default_rng(0)
+    shape = (120, 160)
+    boxes, scores, offsets, crops = [], [], [], []
+    for _ in range(150):  # overlapping blobs of many sizes: contested pixels and fragments
+        h, w = rng.integers(3, 20, 2)
+        y0, x0 = rng.integers(0, shape[0] - h), rng.integers(0, shape[1] - w)
+        yy, xx = np.mgrid[0:h, 0:w]
+        crops.append(((yy - h / 2) ** 2 / (h / 2) ** 2 + (xx - w / 2) ** 2 / (w / 2) ** 2) <= 1)
+        boxes.append((x0, y0, x0 + w, y0 + h))
+        offsets.append((y0, x0))
+        scores.append(rng.choice([rng.uniform(0.05, 1.0), 0.5]))  # ties too
+    det = Detections(shape, np.array(boxes, np.float32), np.array(scores, np.float32), np.array(offsets),
+                     crops, candidate_nms=0.7)
+    live, edits = LiveLabels(det), Edits(first_free=len(det) + 1)
+    score, nms_iou, min_area = 0.5, 0.5, 0.0
+    for step in range(60):
+        move = rng.integers(0, 10)
+        if move < 7:
+            score = float(np.clip(score + rng.choice([-1, 1]) * rng.uniform(0.005, 0.1), 0.05, 1.0))
+        elif move == 7:
+            nms_iou = float(rng.choice([0.3, 0.5, 0.7]))
+        elif move == 8:
+            min_area = float(rng.choice([0.0, 20.0, 60.0]))
+        else:
+            edits.removed.add(int(rng.integers(1, len(det) + 1)))
+        got, want = live.refilter(score, nms_iou, edits, min_area), det.refilter(score, nms_iou, edits, min_area)
+        np.testing.assert_array_equal(got.labels, want.labels)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.scores, want.scores)
+    assert len(want.ids) > 5

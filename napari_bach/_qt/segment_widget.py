@@ -4,7 +4,7 @@ All computation lives in the Qt-free core; this module only wires it to napari.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +13,7 @@ from magicgui.widgets import CheckBox, Container, FloatSlider, FloatSpinBox, Lab
 
 from ..checkpoint import DEFAULT_MODEL, CheckpointError, ModelInfo, cached_model, read_config
 from ..config import CANDIDATE_MARGIN, ModelConfig, Thresholds
-from ..detections import Detections, Segmentation
+from ..detections import Detections, LiveLabels, Segmentation
 from ..edit import Edits
 from ..measure import hematoxylin, measure_nuclei
 from ..pixelsize import EXPLICIT, PixelSize
@@ -53,6 +53,10 @@ class Result:
     edits: Edits
     shown: np.ndarray | None = None  # the labels last put in the layer: edits are the difference
     seg: Segmentation | None = None
+    live: LiveLabels = field(init=False)  # the sliders' re-filter: only nuclei that change are pasted
+
+    def __post_init__(self) -> None:
+        self.live = LiveLabels(self.det)
 
 
 class SegmentWidget(Container):
@@ -237,7 +241,7 @@ class SegmentWidget(Container):
             self.run(floor=0.0)
             return
         self._absorb_edits()
-        r.seg = r.det.refilter(float(self._score.value), float(self._nms.value), r.edits, self._min_area_px())
+        r.seg = r.live.refilter(float(self._score.value), float(self._nms.value), r.edits, self._min_area_px())
         layer = self._labels_layer()
         if layer is not None and layer.data.shape == r.seg.labels.shape:
             write_changed_nuclei(layer, r.seg.labels)

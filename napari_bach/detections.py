@@ -9,7 +9,7 @@ nuclei appear or disappear (their colours stay), and the user's edits, recorded 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -57,6 +57,7 @@ class Detections:
     score_floor: float = 0.0  # candidates below this score were never computed
     pixel_size: PixelSize = PixelSize(None)  # of the image the candidates are in
     classes: tuple[str, ...] = BACH_CLASSES  # order of tissue_probs
+    _ranked_by_iou: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -72,7 +73,7 @@ class Detections:
 
     def _ranked(self, nms_iou: float) -> np.ndarray:
         nms_iou = min(float(nms_iou), self.candidate_nms)
-        cache = self.__dict__.setdefault("_ranked_by_iou", {})
+        cache = self._ranked_by_iou
         if nms_iou not in cache:
             if nms_iou < self.candidate_nms and len(self):
                 keep = nms(torch.from_numpy(self.boxes).float(), torch.from_numpy(self.scores).float(), nms_iou)

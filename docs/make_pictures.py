@@ -7,7 +7,8 @@ figure.png ("Save figure"), report.png (page 1 of "Save report", via pdftoppm) a
 slide.png (Segment slide on a synthetic pyramidal slide, a region streamed to disk).
 Without IMAGE it uses the built-in synthetic sample, so nothing third-party is committed.
 
-    ... docs/make_pictures.py --bach CROP.png [--mpp 0.467]   # bach.png only: a real BACH crop
+    ... docs/make_pictures.py --bach CROP.png [--mpp 0.467]   # runs/pictures/bach.png: a real BACH crop
+    (to look at, never to commit: BACH is CC BY-NC-ND, and nothing cut from it goes into the project)
     ... docs/make_pictures.py --finetune                       # finetune_running.png, finetune_done.png
 """
 from __future__ import annotations
@@ -44,12 +45,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image", nargs="?")
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
-    parser.add_argument("--out", default=str(Path(__file__).parent))
+    parser.add_argument("--out", default=None, help="default: docs/ (synthetic pictures), runs/pictures/ (--bach)")
     parser.add_argument("--bach", help="only bach.png: Segment nuclei on this real BACH crop")
     parser.add_argument("--mpp", type=float, default=0.467, help="µm/px of --bach (BACH slides: 0.467)")
     parser.add_argument("--finetune", action="store_true", help="only the Fine-tune on corrections pictures")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or ("runs/pictures" if args.bach else Path(__file__).parent))
     out.mkdir(parents=True, exist_ok=True)
     if args.bach:
         return bach_picture(Path(args.bach), args.mpp, args.model, out)

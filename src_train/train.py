@@ -209,7 +209,8 @@ class Trainer:
                      "history": json.dumps(self.history), "optimizer": self.opt.state_dict(),
                      "torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(self.rng.bit_generator.state),
                      "python_rng": json.dumps(random.getstate()), "train_config": json.dumps(asdict(self.cfg)),
-                     "drawn": json.dumps(self.drawn), "world": self.dist.world, "seconds": self.seconds}
+                     "drawn": json.dumps(self.drawn), "world": self.dist.world, "seconds": self.seconds,
+                     "start_note": self.start_note}
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
                 state["weights"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -231,6 +232,7 @@ class Trainer:
         self.opt.load_state_dict(st["optimizer"])
         self.step, self.best, self.bad_validations = int(st["step"]), float(st["best"]), int(st["bad_validations"])
         self.seconds = float(st.get("seconds", 0.0))
+        self.start_note = st.get("start_note", self.start_note)  # a resumed warm start still says where it began
         self.history = json.loads(st["history"])
         torch.set_rng_state(st["torch_rng"])
         self.rng.bit_generator.state = json.loads(st["numpy_rng"])

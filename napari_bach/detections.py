@@ -96,7 +96,33 @@ class Detections:
         deleted or redrew stay as the user left them, and hand-drawn nuclei are pasted
         over the model's (whatever their size). A slider uses :class:`LiveLabels`, which
         gives the same result for the nuclei that change only."""
-        return LiveLabels(self).refilter(score_threshold, nms_iou, edits, min_area)
+        order = self.kept(score_threshold, nms_iou, edits, min_area)
+        labels, written = paste_labels(self.image_shape, self.offsets, self.crops, order)
+        return self._segmentation(order, labels, written, edits, min_area)
+
+    def kept(self, score_threshold: float, nms_iou: float, edits: Edits | None = None,
+             min_area: float = 0.0) -> np.ndarray:
+        """The candidates a re-filter pastes, best first: thresholds, NMS, minimum area and
+        the user's deletions applied."""
+        order = self.select(score_threshold, nms_iou)
+        if min_area > 0 and order.size:
+            order = order[self.areas[order] >= min_area]
+        if edits is not None and edits.removed:
+            order = order[~np.isin(order + 1, np.fromiter(edits.removed, np.int64))]
+        return order
+
+    def _segmentation(self, order: np.ndarray, labels: np.ndarray, written: np.ndarray,
+                      edits: Edits | None, min_area: float) -> Segmentation:
+        """``labels`` (``order`` pasted, modified here) without fragments, with the drawn nuclei."""
+        ids, boxes, scores = order + 1, self.boxes[order], self.scores[order]
+        visible = written >= max(1.0, min_area)  # drop empty, covered and fragment-sized remains
+        if min_area > 0:
+            for k in order[(written > 0) & ~visible]:
+                _erase(labels, k + 1, self.offsets[k], self.crops[k].shape)
+        if edits is not None and edits.drawn:  # hand-drawn nuclei may cover model ones
+            ids, boxes, scores = edits.paste_onto(labels, ids, boxes, scores)
+            visible = (np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1) > 0)[ids]
+        return Segmentation(labels, ids[visible], boxes[visible], scores[visible], self.pixel_size)
 
     @classmethod
     def concatenate(cls, parts: list["Detections"], image_shape: tuple[int, int], **kw) -> "Detections":
@@ -131,23 +157,9 @@ class LiveLabels:
     def refilter(self, score_threshold: float, nms_iou: float, edits: Edits | None = None,
                  min_area: float = 0.0) -> Segmentation:
         """What :meth:`Detections.refilter` returns for these thresholds."""
-        det = self.det
-        order = det.select(score_threshold, nms_iou)
-        if min_area > 0 and order.size:
-            order = order[det.areas[order] >= min_area]
-        if edits is not None and edits.removed:
-            order = order[~np.isin(order + 1, np.fromiter(edits.removed, np.int64))]
+        order = self.det.kept(score_threshold, nms_iou, edits, min_area)
         self._paste(order)
-        labels = self._pasted.copy()
-        ids, boxes, scores = order + 1, det.boxes[order], det.scores[order]
-        visible = self._written >= max(1.0, min_area)  # drop empty, covered and fragment-sized remains
-        if min_area > 0:
-            for k in order[(self._written > 0) & ~visible]:
-                _erase(labels, k + 1, det.offsets[k], det.crops[k].shape)
-        if edits is not None and edits.drawn:  # hand-drawn nuclei may cover model ones
-            ids, boxes, scores = edits.paste_onto(labels, ids, boxes, scores)
-            visible = (np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1) > 0)[ids]
-        return Segmentation(labels, ids[visible], boxes[visible], scores[visible], det.pixel_size)
+        return self.det._segmentation(order, self._pasted.copy(), self._written, edits, min_area)
 
     def _paste(self, order: np.ndarray) -> None:
         det, old = self.det, self._order

@@ -86,6 +86,10 @@ def cmd_train(args) -> int:
             print(f"--init {args.init} is a {init_cfg.backbone} model; --backbone {args.backbone} cannot start from it",
                   file=sys.stderr)
             return 2
+        if args.fpn_channels and args.fpn_channels > init_cfg.fpn_channels:
+            print(f"--init {args.init} has a {init_cfg.fpn_channels}-channel FPN: --fpn-channels can narrow it, "
+                  f"not widen it to {args.fpn_channels}", file=sys.stderr)
+            return 2
         model_cfg = ModelConfig.from_dict({**init_cfg.to_dict(), "mpp": args.mpp or init_cfg.mpp,
                                            "fpn_channels": args.fpn_channels or init_cfg.fpn_channels})
     train, val, notes = _load_nuclei(args)

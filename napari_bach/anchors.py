@@ -162,7 +162,7 @@ def iter_proposals(rgb: np.ndarray, model: BachMaskRCNN, image_mpp: float | None
     if x1 <= x0 or y1 <= y0:
         raise ValueError("the region is empty: zoom or pan so the image is in view, or draw a box")
 
-    def rpn(crops: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def rpn(crops: list[torch.Tensor], regions: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [rpn_one(crop) for crop in crops]
 
     def rpn_one(crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

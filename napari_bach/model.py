@@ -20,6 +20,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -27,7 +28,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from .backbones import PretrainedWeightsUnavailable, build_backbone, fold_frozen_bn, load_torchvision_weights  # noqa: F401
 from .config import INFERENCE_SETTINGS, ModelConfig
 from .rpn import NucleusRPN
-from .tiling import SIZE_DIVISIBLE
+from .tiling import SIZE_DIVISIBLE, Region, centre_in
 
 NUM_DETECTION_CLASSES = 2  # background, nucleus
 _FLOOR_LOCK = threading.Lock()  # module-level: models stay deep-copyable (EMA, DDP)
@@ -61,6 +62,22 @@ class TissueHead(nn.Module):
         return self.classifier(pooled)
 
 
+class TileRoIHeads(RoIHeads):
+    """torchvision's RoI heads, which drop the detections outside each image's ``regions``
+    before the mask branch: a tile keeps only what it owns (the rest is another tile's),
+    and masks are the costliest part of the heads, so none are computed for the rest."""
+
+    regions: list[Region] | None = None  # per image; set for one call by BachMaskRCNN.forward
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        boxes, scores, labels = super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        if self.regions is None:
+            return boxes, scores, labels
+        keep = [centre_in(b, r) for b, r in zip(boxes, self.regions)]
+        return ([b[k] for b, k in zip(boxes, keep)], [s[k] for s, k in zip(scores, keep)],
+                [lab[k] for lab, k in zip(labels, keep)])
+
+
 class BachMaskRCNN(MaskRCNN):
     """Mask R-CNN whose eval output keeps 28×28 mask probabilities and tissue logits."""
 
@@ -72,16 +89,24 @@ class BachMaskRCNN(MaskRCNN):
         self.rpn = NucleusRPN(rpn.anchor_generator, rpn.head, config.rpn_fg_iou, config.rpn_bg_iou,
                               config.rpn_batch_size, rpn.fg_bg_sampler.positive_fraction, rpn._pre_nms_top_n,
                               rpn._post_nms_top_n, rpn.nms_thresh, rpn.score_thresh)
+        rh = self.roi_heads  # the same heads and settings, able to skip masks outside a region
+        self.roi_heads = TileRoIHeads(rh.box_roi_pool, rh.box_head, rh.box_predictor, rh.proposal_matcher.high_threshold,
+                                      rh.proposal_matcher.low_threshold, rh.fg_bg_sampler.batch_size_per_image,
+                                      rh.fg_bg_sampler.positive_fraction, rh.box_coder.weights, rh.score_thresh,
+                                      rh.nms_thresh, rh.detections_per_img, rh.mask_roi_pool, rh.mask_head,
+                                      rh.mask_predictor)
         self.tissue_head = TissueHead(backbone.out_channels, len(config.tissue_classes))
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None, tissue_only: bool = False,
-                score_floor: float | None = None):
+                score_floor: float | None = None, regions: list[Region] | None = None):
         """Training: dict of losses. Eval: per image dict with boxes, scores, masks
         (N×1×28×28 probabilities, not pasted) and tissue_logits.
 
         ``score_floor`` (eval): keep candidates from this score up instead of the cached
         floor (``config.candidate_score``), so masks are computed only for nuclei a known
         threshold will show: headless runs (CLI, slides) know it before the network runs.
+        ``regions`` (eval): per image, the ``y0, x0, y1, x1`` region whose detections
+        (box centre inside) are kept; masks are computed for those only.
 
         ``tissue_only`` (training): images with a tissue class but no nucleus outlines
         train the backbone and tissue head alone; through ``forward`` so that
@@ -96,8 +121,12 @@ class BachMaskRCNN(MaskRCNN):
         proposals, rpn_losses = self.rpn(batch, features, targets)
         with _FLOOR_LOCK:  # a model is shared by widgets and runs: one floor at a time
             self.roi_heads.score_thresh = self.config.candidate_score if score_floor is None else score_floor
-            detections, det_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
-            self.roi_heads.score_thresh = self.config.candidate_score
+            self.roi_heads.regions = None if self.training else regions
+            try:
+                detections, det_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+            finally:
+                self.roi_heads.score_thresh = self.config.candidate_score
+                self.roi_heads.regions = None
         tissue_logits = self.tissue_head(features)
         if self.training:
             losses = {**rpn_losses, **det_losses}

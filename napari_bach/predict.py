@@ -24,7 +24,7 @@ from .imageio import BACKGROUND_LEVEL
 from .model import BachMaskRCNN, for_inference
 from .paste import mask_crops
 from .pixelsize import PixelSize
-from .tiling import Tile, tile_grid
+from .tiling import Region, Tile, centre_in, tile_grid
 
 MIN_TISSUE_PIXELS = 16  # a tile with fewer non-glass pixels holds no nucleus
 
@@ -80,14 +80,19 @@ class TileGeometry:
     scaled_shape: tuple[int, int]  # at the model's µm/px, before glass padding
     tiles: list[Tile]
 
-    def to_image(self, boxes: torch.Tensor, tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tile-local model-pixel boxes -> image-pixel boxes, and which of them this tile owns
-        (centre in its core and inside the unpadded image): a border object is kept once."""
-        boxes = boxes.float().cpu() + torch.tensor([tile.x0, tile.y0, tile.x0, tile.y0], dtype=torch.float32)
-        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    def owned_region(self, tile: Tile) -> Region:
+        """The part of ``tile`` it owns, in its own pixels (``y0, x0, y1, x1``): its core,
+        less any glass padding beyond the image."""
         y0, x0, y1, x1 = tile.core
         h, w = self.scaled_shape
-        own = (cy >= y0) & (cy < min(y1, h)) & (cx >= x0) & (cx < min(x1, w))
+        return y0 - tile.y0, x0 - tile.x0, min(y1, h) - tile.y0, min(x1, w) - tile.x0
+
+    def to_image(self, boxes: torch.Tensor, tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile-local model-pixel boxes -> image-pixel boxes, and which of them this tile owns
+        (centre in its :meth:`owned_region`): a border object is kept once."""
+        boxes = boxes.float().cpu()
+        own = centre_in(boxes, self.owned_region(tile))
+        boxes = boxes + torch.tensor([tile.x0, tile.y0, tile.x0, tile.y0], dtype=torch.float32)
         return boxes / self.factor, own
 
 
@@ -124,11 +129,13 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def run_tiled(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None,
-              step: Callable[[list[torch.Tensor]], list[T]], batch_size: int | None = None
+              step: Callable[[list[torch.Tensor], list[Region]], list[T]], batch_size: int | None = None
               ) -> Generator[Progress, None, tuple[TileGeometry, list]]:
-    """Call ``step(tiles)`` (a batch of tiles on the device of ``model``, an inference copy
-    from :func:`~napari_bach.model.for_inference`; inference mode, bf16 autocast on CUDA) on every tile that holds tissue; yields progress per batch, returns
-    the geometry and ``(tile, output, tissue px)`` per tile.
+    """Call ``step(tiles, regions)`` (a batch of tiles on the device of ``model``, an
+    inference copy from :func:`~napari_bach.model.for_inference`, and the region each tile
+    owns, :meth:`TileGeometry.owned_region`; inference mode, bf16 autocast on CUDA) on every
+    tile that holds tissue; yields progress per batch, returns the geometry and
+    ``(tile, output, tissue px)`` per tile.
 
     An unknown pixel size runs the image as if it were at the model's own µm/px."""
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
@@ -152,8 +159,9 @@ def run_tiled(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | floa
 
     def run(batch: list) -> None:
         crops = [crop.to(device, non_blocking=True) for _, crop, _ in batch]
+        regions = [geometry.owned_region(tile) for tile, _, _ in batch]
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            results = step(crops)
+            results = step(crops, regions)
         outputs.extend((tile, out, tissue) for (tile, _, tissue), out in zip(batch, results))
 
     yield Progress(0, total, f"{total} tiles at {cfg.mpp:g} µm/px")
@@ -182,15 +190,18 @@ def _unflip(out: dict, dims: tuple[int, ...], h: int, w: int) -> dict:
     return {**out, "boxes": boxes, "masks": out["masks"].flip(dims) if dims else out["masks"]}
 
 
-def flip_tta(model: BachMaskRCNN, score_floor: float | None = None) -> Callable[[list[torch.Tensor]], list[dict]]:
+def flip_tta(model: BachMaskRCNN, score_floor: float | None = None
+             ) -> Callable[[list[torch.Tensor], list[Region]], list[dict]]:
     """Test-time augmentation: each tile also runs flipped three ways; the candidates of the
     four views are pooled and duplicates removed by the model's own candidate NMS (the
-    best-scoring view of each nucleus is kept); tissue logits are averaged."""
+    best-scoring view of each nucleus is kept); tissue logits are averaged. Masks are
+    computed for every view's candidates: which of them a tile owns is decided after the
+    views are pooled."""
     from torchvision.ops import nms
 
     cfg = model.config
 
-    def step(crops: list[torch.Tensor]) -> list[dict]:
+    def step(crops: list[torch.Tensor], regions: list[Region]) -> list[dict]:
         outs = model([c.flip(dims) if dims else c for c in crops for dims in FLIPS], score_floor=score_floor)
         merged = []
         for i, crop in enumerate(crops):
@@ -218,7 +229,11 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
     model = for_inference(model)
     cfg = model.config
     pixel_size = as_pixel_size(pixel_size)
-    step = flip_tta(model, score_floor) if tta else (lambda crops: model(crops, score_floor=score_floor))
+    if tta:
+        step = flip_tta(model, score_floor)
+    else:  # masks only for what each tile owns
+        def step(crops: list[torch.Tensor], regions: list[Region]) -> list[dict]:
+            return model(crops, score_floor=score_floor, regions=regions)
     geometry, outputs = yield from run_tiled(rgb, model, pixel_size, step, batch_size)
     orig_shape = geometry.image_shape
     limit = torch.tensor([orig_shape[1], orig_shape[0]] * 2, dtype=torch.float32)

@@ -30,7 +30,7 @@ from .measure import COLUMNS, hematoxylin, measure_nuclei
 from .pixelsize import PixelSize
 from .predict import Progress, iter_predict, plan_tiles
 from .slideio import Slide, open_slide, tissue_mask
-from .tiling import Tile, tile_grid
+from .tiling import Tile, centre_in, tile_grid
 
 HALO_UM = 40.0  # context around each block: a nucleus (≤ 30 µm) on the border is seen whole
 CHUNK = 1024  # labels zarr chunk side
@@ -252,9 +252,7 @@ def _within_block(gen, done: int, clock: _Clock, name: str):
 def _owned(seg: Segmentation, block: Tile) -> np.ndarray:
     """Ids of nuclei whose box centre lies in the block's core (block-local coordinates)."""
     cy0, cx0, cy1, cx1 = block.core
-    cy = (seg.boxes[:, 1] + seg.boxes[:, 3]) / 2 + block.y0
-    cx = (seg.boxes[:, 0] + seg.boxes[:, 2]) / 2 + block.x0
-    return seg.ids[(cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)]
+    return seg.ids[centre_in(seg.boxes, (cy0 - block.y0, cx0 - block.x0, cy1 - block.y0, cx1 - block.x0))]
 
 
 def _paste_into(labels, block_labels: np.ndarray, b: Tile) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 # The network pads its input to a multiple of this (the FPN's coarsest stride): balanced
 # tiles are cut to it, so no tile carries padding.
 SIZE_DIVISIBLE = 32
+Region = tuple[int, int, int, int]  # y0, x0, y1, x1: half-open, in one tile's or image's pixels
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,16 @@ class Tile:
     def owns(self, cy: float, cx: float) -> bool:
         y0, x0, y1, x1 = self.core
         return y0 <= cy < y1 and x0 <= cx < x1
+
+
+def centre_in(boxes, region: Region):
+    """Which ``x0 y0 x1 y1`` boxes (an N×4 tensor or array) have their centre in ``region``
+    (``y0, x0, y1, x1``, half-open): the one ownership rule, so that the model can drop
+    what its tile will not own before computing masks, and tiles and slide blocks keep
+    each border object exactly once."""
+    y0, x0, y1, x1 = region
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    return (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
 
 
 def _axis(length: int, size: int, overlap: int, balanced: bool) -> list[tuple[int, int, int, int]]:

@@ -32,3 +32,23 @@ def test_shipped_model_finds_the_nuclei_of_an_unseen_synthetic_tile():
     assert det.tissue_probs is None
     m = nucleus_metrics(truth, seg.labels)
     assert m["f1"] > 0.85 and m["precision"] > 0.85, m
+
+
+def test_masks_only_for_the_region_a_tile_owns_change_nothing_it_keeps():
+    """``regions`` drops detections whose centre is outside before the mask branch: what
+    stays is exactly what the tile would have kept afterwards (boxes, scores, masks)."""
+    from napari_bach.model import for_inference
+    from napari_bach.tiling import centre_in
+
+    torch.set_num_threads(2)
+    rgb, _ = synthetic_he((512, 512), mpp=0.3, seed=5)
+    model = for_inference(load_checkpoint(DEFAULT_MODEL)[0])
+    tile = torch.tensor(rgb).permute(2, 0, 1).float().div(255)
+    region = (48, 100, 400, 464)
+    with torch.inference_mode():
+        every = model([tile], score_floor=0.15)[0]
+        owned = model([tile], score_floor=0.15, regions=[region])[0]
+    keep = centre_in(every["boxes"], region)
+    assert 0 < int(keep.sum()) < len(keep)  # the region really cuts
+    assert torch.equal(owned["boxes"], every["boxes"][keep]) and torch.equal(owned["scores"], every["scores"][keep])
+    torch.testing.assert_close(owned["masks"], every["masks"][keep], atol=1e-5, rtol=0)

@@ -201,6 +201,22 @@ def cmd_ship(args) -> int:
     return 0
 
 
+def cmd_average(args) -> int:
+    """Average checkpoints of one run (weight averaging); evaluate the result like any other."""
+    from napari_bach.checkpoint import CheckpointError, save_checkpoint
+
+    from .average import average_checkpoints
+
+    try:
+        model, info = average_checkpoints(args.checkpoints)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = save_checkpoint(args.out, model, info)
+    print(f"{out}: {info.notes.rsplit('; ', 1)[-1]}")
+    return 0
+
+
 def _sources(value: str):
     from .sources import parse_data_arg
 
@@ -338,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="an inference setting of the shipped model (candidate caps, tiling), e.g. "
                         "max_candidates_per_tile=300; measure it with evaluate before shipping")
     s.set_defaults(func=cmd_ship)
+
+    a = sub.add_parser("average", help="average the weights of checkpoints of one run (evaluate the result)",
+                       description=cmd_average.__doc__)
+    a.add_argument("checkpoints", nargs="+", help="two or more checkpoints of one architecture")
+    a.add_argument("--out", required=True, help="the averaged checkpoint (fp32, no optimizer state)")
+    a.set_defaults(func=cmd_average)
 
     f = sub.add_parser("finetune", help="fine-tune a model on exported corrections, with before/after numbers",
                        description=cmd_finetune.__doc__)

@@ -62,6 +62,10 @@ class ModelConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     tissue_classes: tuple[str, ...] = BACH_CLASSES
+    # "macenko": every input is mapped onto the reference stain ``stain_target`` (8 numbers,
+    # napari_bach.stain), fitted on the training images by src_train; "none": inputs as they are.
+    stain_norm: str = "none"
+    stain_target: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.roi_sampling_ratio < 1:
@@ -74,8 +78,13 @@ class ModelConfig:
             raise ValueError("anchor_sizes needs one tuple per FPN level (5 levels)")
         if self.tile_overlap * 2 >= self.tile_size:
             raise ValueError("tile_overlap must be less than half the tile size")
+        if self.stain_norm not in ("none", "macenko"):
+            raise ValueError(f"unknown stain_norm {self.stain_norm!r}; choose none or macenko")
+        if len(self.stain_target) not in (0, 8):
+            raise ValueError("stain_target holds 8 numbers (H and E vectors, their concentration scales)")
         # JSON round trips give lists; keep tuples so configs compare equal.
         self.anchor_sizes = tuple(tuple(float(s) for s in level) for level in self.anchor_sizes)
+        self.stain_target = tuple(float(v) for v in self.stain_target)
         for name in ("aspect_ratios", "mean", "std", "tissue_classes"):
             setattr(self, name, tuple(getattr(self, name)))
 

@@ -24,6 +24,7 @@ from .imageio import BACKGROUND_LEVEL
 from .model import BachMaskRCNN, for_inference
 from .paste import mask_crops
 from .pixelsize import PixelSize
+from .stain import Stain, estimate_stain, normalise_stain
 from .tiling import Region, Tile, centre_in, tile_grid
 
 MIN_TISSUE_PIXELS = 16  # a tile with fewer non-glass pixels holds no nucleus
@@ -123,24 +124,42 @@ def plan_tiles(image_shape: tuple[int, int], config, pixel_size: PixelSize | flo
                         tile_grid(h + ph, w + pw, config.tile_size, config.tile_overlap, balanced=True))
 
 
+def stain_normaliser(rgb: np.ndarray, config, stain: Stain | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the model's ``stain_norm`` does to each tile of ``rgb``: nothing, or a map from
+    the image's stain (``stain`` or estimated from ``rgb``) to the model's reference. An image
+    with too little tissue to estimate from is left as it is."""
+    if config.stain_norm == "none":
+        return lambda tile: tile
+    if not config.stain_target:
+        raise ValueError("this model normalises stains but holds no reference stain (stain_target): "
+                         "it was not saved by src_train")
+    source = stain or estimate_stain(rgb)
+    if source is None:
+        return lambda tile: tile
+    return lambda tile: normalise_stain(tile, source, config.stain_target)
+
+
 def default_batch_size(device: torch.device) -> int:
     """Tiles per forward pass: one on CPU (no gain, more memory), several on a GPU."""
     return 1 if device.type == "cpu" else 8
 
 
 def run_tiled(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None,
-              step: Callable[[list[torch.Tensor], list[Region]], list[T]], batch_size: int | None = None
-              ) -> Generator[Progress, None, tuple[TileGeometry, list]]:
+              step: Callable[[list[torch.Tensor], list[Region]], list[T]], batch_size: int | None = None,
+              stain: Stain | None = None) -> Generator[Progress, None, tuple[TileGeometry, list]]:
     """Call ``step(tiles, regions)`` (a batch of tiles on the device of ``model``, an
     inference copy from :func:`~napari_bach.model.for_inference`, and the region each tile
     owns, :meth:`TileGeometry.owned_region`; inference mode, bf16 autocast on CUDA) on every
     tile that holds tissue; yields progress per batch, returns the geometry and
     ``(tile, output, tissue px)`` per tile.
 
-    An unknown pixel size runs the image as if it were at the model's own µm/px."""
+    An unknown pixel size runs the image as if it were at the model's own µm/px. A model
+    with stain normalisation maps every tile from the image's stain (``stain``, e.g. a
+    slide's, estimated once; None: estimated from ``rgb``) onto its reference stain."""
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an H×W×3 uint8 RGB image, got {rgb.shape} {rgb.dtype}")
     cfg = model.config
+    normalise = stain_normaliser(rgb, cfg, stain)
     geometry = plan_tiles(rgb.shape[:2], cfg, pixel_size)
     device = next(model.parameters()).device
     image = _to_model_scale(rgb, geometry.factor)
@@ -158,7 +177,7 @@ def run_tiled(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | floa
     total = len(geometry.tiles)
 
     def run(batch: list) -> None:
-        crops = [crop.to(device, non_blocking=True) for _, crop, _ in batch]
+        crops = [normalise(crop.to(device, non_blocking=True)) for _, crop, _ in batch]
         regions = [geometry.owned_region(tile) for tile, _, _ in batch]
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             results = step(crops, regions)
@@ -220,12 +239,14 @@ def flip_tta(model: BachMaskRCNN, score_floor: float | None = None
 
 def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None = None,
                  tissue_trained: bool = True, batch_size: int | None = None, tta: bool = False,
-                 score_floor: float | None = None) -> Generator[Progress, None, Detections]:
+                 score_floor: float | None = None, stain: Stain | None = None
+                 ) -> Generator[Progress, None, Detections]:
     """Segment a whole RGB image tile by tile; yields progress, returns all candidates.
     ``tta``: flip test-time augmentation (4 network passes per tile, see :func:`flip_tta`).
     ``score_floor``: candidates from this score up only (masks for nothing below it): for
     runs whose threshold is known in advance; refiltering at that threshold or above
-    gives the same nuclei as from the full candidate cache."""
+    gives the same nuclei as from the full candidate cache. ``stain``: the image's stain
+    when known (a slide's), for models with stain normalisation (:func:`run_tiled`)."""
     model = for_inference(model)
     cfg = model.config
     pixel_size = as_pixel_size(pixel_size)
@@ -234,7 +255,7 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
     else:  # masks only for what each tile owns
         def step(crops: list[torch.Tensor], regions: list[Region]) -> list[dict]:
             return model(crops, score_floor=score_floor, regions=regions)
-    geometry, outputs = yield from run_tiled(rgb, model, pixel_size, step, batch_size)
+    geometry, outputs = yield from run_tiled(rgb, model, pixel_size, step, batch_size, stain)
     orig_shape = geometry.image_shape
     limit = torch.tensor([orig_shape[1], orig_shape[0]] * 2, dtype=torch.float32)
     parts, tissue_logits, weights = [], [], []

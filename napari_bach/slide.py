@@ -29,7 +29,8 @@ from .geojson import geojson_features, polygons
 from .measure import COLUMNS, hematoxylin, measure_nuclei
 from .pixelsize import PixelSize
 from .predict import Progress, iter_predict, plan_tiles
-from .slideio import Slide, open_slide, tissue_mask
+from .slideio import Slide, open_slide, overview, tissue_mask
+from .stain import estimate_stain
 from .tiling import Tile, centre_in, tile_grid
 
 HALO_UM = 40.0  # context around each block: a nucleus (≤ 30 µm) on the border is seen whole
@@ -158,6 +159,8 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
     labels.attrs.update({"napari_bach": {**settings, "offset_yx": [y0, x0]}})
     _write_json(files["progress"], state)
     mask, mask_factor = tissue_mask(slide) if tissue_only else (None, 1.0)
+    # a model with stain normalisation maps every block from the slide's one stain
+    stain = estimate_stain(overview(slide)[0]) if model.config.stain_norm != "none" else None
 
     def has_tissue(b: Tile) -> bool:
         if mask is None:
@@ -192,7 +195,7 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
             ahead = reader.submit(read, work[n + 1]) if n + 1 < len(work) else None
             b = blocks[k]
             det = yield from _within_block(iter_predict(rgb, model, slide.pixel_size, tissue_trained,
-                                                        score_floor=limits.score),
+                                                        score_floor=limits.score, stain=stain),
                                            sum(tiles[:n]), clock, f"block {n + 1}/{len(work)}")
             seg = det.refilter(limits.score, limits.nms_iou, min_area=min_area_px)
             kept = _owned(seg, b)

@@ -93,11 +93,9 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     return Slide(path, handle, pixel_size)
 
 
-def tissue_mask(slide: Slide, max_pixels: int = 4_000_000) -> tuple[np.ndarray, float]:
-    """Non-glass pixels at the coarsest level with at least ``max_pixels`` / 16 pixels
-    (a few MB whatever the slide); returns the mask and its downsample from level 0."""
-    from scipy import ndimage
-
+def overview(slide: Slide, max_pixels: int = 4_000_000) -> tuple[np.ndarray, float]:
+    """The whole slide in at most ``max_pixels`` (the coarsest level with at least a
+    sixteenth of that, or level 0 read in strides); returns it and its downsample."""
     level = len(slide.levels) - 1
     for k, (h, w) in enumerate(slide.levels):
         if h * w <= max_pixels:
@@ -107,8 +105,15 @@ def tissue_mask(slide: Slide, max_pixels: int = 4_000_000) -> tuple[np.ndarray, 
     if h * w > max_pixels:  # no small level: read level 0 in strides
         step = int(np.ceil(np.sqrt(h * w / max_pixels)))
         rows = [slide.read(y, 0, min(y + 1, h), w)[:, ::step] for y in range(0, h, step)]
-        rgb, factor = np.concatenate(rows), float(step)
-    else:
-        rgb, factor = slide.read(0, 0, h, w, level), slide.downsamples[level]
+        return np.concatenate(rows), float(step)
+    return slide.read(0, 0, h, w, level), slide.downsamples[level]
+
+
+def tissue_mask(slide: Slide, max_pixels: int = 4_000_000) -> tuple[np.ndarray, float]:
+    """Non-glass pixels of the slide's :func:`overview` (a few MB whatever the slide);
+    returns the mask and its downsample from level 0."""
+    from scipy import ndimage
+
+    rgb, factor = overview(slide, max_pixels)
     mask = rgb.min(axis=-1) < BACKGROUND_LEVEL
     return ndimage.binary_dilation(ndimage.binary_opening(mask, iterations=1), iterations=2), factor

@@ -58,6 +58,8 @@ def _configs(args):
         overrides["norm"] = "frozen_bn"
     if args.fpn_channels:
         overrides["fpn_channels"] = args.fpn_channels
+    if args.stain_norm:
+        overrides["stain_norm"] = args.stain_norm
     model_cfg = ModelConfig.preset(args.backbone or "resnet18", **overrides)
     cfg = TrainConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, val_every=args.val_every, patience=args.patience,
@@ -90,8 +92,11 @@ def cmd_train(args) -> int:
             print(f"--init {args.init} has a {init_cfg.fpn_channels}-channel FPN: --fpn-channels can narrow it, "
                   f"not widen it to {args.fpn_channels}", file=sys.stderr)
             return 2
+        stain = {}  # another stain setting than the checkpoint's: a new reference (macenko) or none
+        if args.stain_norm and args.stain_norm != init_cfg.stain_norm:
+            stain = {"stain_norm": args.stain_norm, "stain_target": ()}
         model_cfg = ModelConfig.from_dict({**init_cfg.to_dict(), "mpp": args.mpp or init_cfg.mpp,
-                                           "fpn_channels": args.fpn_channels or init_cfg.fpn_channels})
+                                           "fpn_channels": args.fpn_channels or init_cfg.fpn_channels, **stain})
     train, val, notes = _load_nuclei(args)
     tissue = []
     if args.bach:
@@ -298,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument("--fpn-channels", type=int, default=None,
                        help="FPN/RPN width (default: the backbone's preset or --init's; narrower than --init's "
                             "starts from its most used channels)")
+        t.add_argument("--stain-norm", choices=["none", "macenko"], default=None,
+                       help="map every image onto one reference stain (fitted on the training images, stored "
+                            "in the model, applied the same way at inference); default: none, or --init's")
         t.add_argument("--epochs", type=int, default=50)
         t.add_argument("--max-steps", type=int, default=0)
         t.add_argument("--batch-size", type=int, default=2)

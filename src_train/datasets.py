@@ -17,7 +17,7 @@ from skimage.draw import polygon as draw_polygon
 from skimage.measure import label as connected_components
 from skimage.transform import rescale
 
-from napari_bach.config import BACH_CLASSES
+from napari_bach.config import BACH_CLASSES, ModelConfig
 from napari_bach.imageio import IMAGE_SUFFIXES, read_image
 
 MONUSEG_MPP = 0.2527
@@ -196,6 +196,20 @@ def rescale_sample(sample: Sample, mpp: float) -> Sample:
     if sample.labels is not None:
         labels = rescale(sample.labels, factor, order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
     return replace(sample, image=image.round().astype(np.uint8), labels=labels, mpp=mpp)
+
+
+def normalise_stains(samples: list[Sample], config: ModelConfig) -> tuple[ModelConfig, list[Sample]]:
+    """Training images mapped onto the model's reference stain, as inference maps its
+    inputs (``config.stain_norm``); the reference is the median of the training images'
+    stains unless ``config`` has one already (a warm start keeps its model's)."""
+    from napari_bach.stain import estimate_stain, median_stain, normalise_rgb
+
+    if config.stain_norm == "none" or not samples:
+        return config, samples
+    stains = [estimate_stain(s.image) for s in samples]
+    target = config.stain_target or median_stain(stains)
+    normalised = [replace(s, image=normalise_rgb(s.image, stain, target)) for s, stain in zip(samples, stains)]
+    return replace(config, stain_target=target), normalised
 
 
 def instances_from_labels(labels: np.ndarray, min_area: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

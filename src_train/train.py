@@ -32,7 +32,7 @@ from napari_bach.config import ModelConfig
 from napari_bach.model import BachMaskRCNN, build_model
 
 from .augment import AugmentConfig
-from .datasets import Sample, rescale_sample
+from .datasets import Sample, normalise_stains, rescale_sample
 from .loader import CropStream, make_loader
 from .narrow import narrow_fpn
 from .metrics import pooled_nucleus_metrics
@@ -148,8 +148,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.rng = np.random.default_rng(cfg.seed)  # the same nucleus/tissue step choices on every rank
         self.train = [rescale_sample(s, model_cfg.mpp) for s in nuclei_train]
-        self.val = dict(nuclei_val) if isinstance(nuclei_val, dict) else ({"validation": list(nuclei_val)} if nuclei_val else {})
         self.tissue = [rescale_sample(s, model_cfg.mpp) for s in tissue_train]
+        # stain normalisation: the reference is fitted on the nucleus images (or, without
+        # any, the tissue images); both are mapped onto it
+        model_cfg, self.train = normalise_stains(self.train, model_cfg)
+        model_cfg, self.tissue = normalise_stains(self.tissue, model_cfg)
+        self.model_cfg = model_cfg
+        self.val = dict(nuclei_val) if isinstance(nuclei_val, dict) else ({"validation": list(nuclei_val)} if nuclei_val else {})
         self.data_note, self.license = data_note, license
         cuda = self.device.startswith("cuda")
         self.model = build_model(model_cfg, pretrained=pretrained).to(self.device).train()

@@ -4,7 +4,7 @@ import torch
 from napari_bach.checkpoint import ModelInfo, load_checkpoint, save_checkpoint
 from napari_bach.model import build_model
 from src_train.__main__ import main
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 
 def _saved(tmp_path, name, seed, steps, **config):

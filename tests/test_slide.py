@@ -279,3 +279,33 @@ def test_cli_refuses_another_region_into_a_used_folder_and_bad_slide_arguments(t
         with pytest.raises(SystemExit) as exit_:
             main(argv + extra)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_stain_normalising_model_maps_every_block_from_the_slide_stain_estimated_once(tmp_path, monkeypatch):
+    from napari_bach import predict as predict_module
+    from napari_bach.slideio import overview
+    from napari_bach.stain import estimate_stain
+    from napari_bach.synthetic import synthetic_he
+
+    rgb, _ = synthetic_he((600, 640), mpp=MPP, seed=4)
+    path = write_pyramid(tmp_path / "he.tif", rgb)
+    target = estimate_stain(synthetic_he((384, 384), mpp=MPP, seed=5)[0])
+    estimated, used = [], []
+
+    def estimate(image, *args, **kw):
+        estimated.append(image.shape)
+        return estimate_stain(image, *args, **kw)
+
+    def normalise(tile, source, target):
+        used.append(source)
+        return real(tile, source, target)
+
+    real = predict_module.normalise_stain
+    monkeypatch.setattr("napari_bach.slide.estimate_stain", estimate)
+    monkeypatch.setattr("napari_bach.predict.estimate_stain", estimate)
+    monkeypatch.setattr("napari_bach.predict.normalise_stain", normalise)
+    model = OracleModel(tiny_config(tile_size=128, tile_overlap=32, mpp=MPP, stain_norm="macenko", stain_target=target))
+    drain(iter_segment_slide(open_slide(path), model, tmp_path / "out", block_size=260))
+    slide_stain = estimate_stain(overview(open_slide(path))[0])
+    assert estimated == [overview(open_slide(path))[0].shape]  # once, on the overview: not per block
+    assert len(used) == model.calls > 4 and all(s == slide_stain for s in used)  # every tile of every block

@@ -41,6 +41,11 @@ class AugmentConfig:
     blur_p: float = 0.1
     sharpen_p: float = 0.1
     jpeg_p: float = 0.3  # re-compressed at quality 40–95, as slide exports and CoNSeP are
+    # Images whose shorter side is under 3/4 of the crop (CoNSeP's 256² patches: 222 px at
+    # 0.3 µm/px) fill a 2×2 mosaic of four of them, each at half the crop, instead of one
+    # crop that is ~60% glass (the trunk's cost is per pixel, tissue or glass). Such crops
+    # are drawn a quarter as often, so each image still appears as often as its weight says.
+    mosaic: bool = False
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float, n: int = 1) -> torch.Tensor:

@@ -7,6 +7,8 @@ resumed run continues at crop ``step × batch`` with exactly the crops it would 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -36,6 +38,14 @@ class CropStream(Dataset):
         self.weights = torch.tensor([s.weight for s in samples], dtype=torch.float64)
         self.uniform = bool((self.weights == self.weights[:1]).all()) if samples else True
         self.cfg, self.seed, self.rank = augment_cfg, seed, rank
+        if augment_cfg.mosaic and augment_cfg.crop % 2:
+            raise ValueError(f"a mosaic needs an even crop size, got {augment_cfg.crop}")
+        small = [lab is not None and min(lab.shape) < 0.75 * augment_cfg.crop for lab in self.labels]
+        self.small = torch.tensor(small) if augment_cfg.mosaic else torch.zeros(len(samples), dtype=torch.bool)
+        self.small_weights = self.weights * self.small
+        if self.small.any():  # a mosaic shows four: each image is still drawn as often as its weight says
+            self.weights = torch.where(self.small, self.weights / 4, self.weights)
+            self.uniform = False
 
     def __len__(self) -> int:
         return 2**62  # endless: the sampler decides where to start and when to stop
@@ -46,12 +56,30 @@ class CropStream(Dataset):
             k = int(torch.randint(len(self.images), (1,), generator=gen))
         else:  # images drawn by their sources' weights
             k = int(torch.multinomial(self.weights, 1, generator=gen))
+        if self.small[k]:
+            return self._mosaic(k, gen)
         image = to_tensor(self.images[k].numpy())
         labels = self.labels[k] if self.labels[k] is not None else torch.zeros(image.shape[1:], dtype=torch.int32)
         img, lab = augment(image, labels, gen, self.cfg)
         if self.labels[k] is None:
             return img, {"tissue": torch.tensor(self.tissue[k])}
         return img, make_target(lab.numpy().astype(np.int32), self.tissue[k])
+
+
+    def _mosaic(self, first: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A crop of four small labelled images (``first`` and three more drawn by weight),
+        each augmented at half the crop size; instance ids kept apart."""
+        picks = [first] + torch.multinomial(self.small_weights, 3, replacement=True, generator=gen).tolist()
+        half = replace(self.cfg, crop=self.cfg.crop // 2)
+        quads, ids = [], 0
+        for k in picks:
+            img, lab = augment(to_tensor(self.images[k].numpy()), self.labels[k], gen, half)
+            lab = torch.where(lab > 0, lab + ids, lab)
+            ids = max(ids, int(lab.max()))
+            quads.append((img, lab))
+        img = torch.cat([torch.cat([quads[0][0], quads[1][0]], 2), torch.cat([quads[2][0], quads[3][0]], 2)], 1)
+        lab = torch.cat([torch.cat([quads[0][1], quads[1][1]], 1), torch.cat([quads[2][1], quads[3][1]], 1)], 0)
+        return img, make_target(lab.numpy().astype(np.int32))
 
 
 class FromIndex(Sampler):

@@ -1,4 +1,5 @@
 """src_train on tiny synthetic data: readers, augmentation, steps, resume, metrics."""
+from dataclasses import replace
 import json
 
 import numpy as np
@@ -232,6 +233,35 @@ def test_crops_are_a_pure_function_of_their_index_whatever_the_workers():
     torch.testing.assert_close(later[0][0], here[0][2])  # crop 12 is crop 12
     other_rank = CropStream(_synthetic_samples(2, size=128), AugmentConfig(crop=64), seed=7, rank=1)
     assert not torch.equal(other_rank[10][0], stream[10][0])
+
+
+def test_small_images_fill_a_mosaic_of_four_with_their_nuclei_apart():
+    """CoNSeP-sized patches would leave most of a crop as glass: four fill it instead."""
+    from src_train.loader import CropStream
+
+    small = _synthetic_samples(3, size=90)
+    big = _synthetic_samples(1, size=192, seed=5)
+    cfg = AugmentConfig(crop=128, mosaic=True, scale=(1.0, 1.0), rotate=False)
+    mixed = CropStream(small + big, cfg, seed=1)
+    assert mixed.small.tolist() == [True, True, True, False]
+    assert mixed.weights.tolist() == [0.25, 0.25, 0.25, 1.0]  # a mosaic shows four: drawn a quarter as often
+    stream = CropStream(small, cfg, seed=1)
+    glass = lambda img: float((img.min(0).values > 0.92).float().mean())  # noqa: E731
+    plain = CropStream(small, replace(cfg, mosaic=False), seed=1)
+    mosaics = 0
+    for i in range(12):
+        img, target = stream[i]
+        assert img.shape == (3, 128, 128)
+        torch.testing.assert_close(img, stream[i][0])  # still a pure function of the index
+        masks = target["masks"].bool()
+        assert len(target["boxes"]) == len(masks) > 0
+        # every nucleus lies in one quadrant: ids of the four images were kept apart
+        quadrants = torch.stack([masks[:, :64, :64].flatten(1).any(1), masks[:, :64, 64:].flatten(1).any(1),
+                                 masks[:, 64:, :64].flatten(1).any(1), masks[:, 64:, 64:].flatten(1).any(1)], 1)
+        assert (quadrants.sum(1) == 1).all()
+        if glass(img) < 0.5 * glass(plain[i][0]):
+            mosaics += 1
+    assert mosaics >= 6  # a 90 px patch in a 128 crop is half glass; four fill it
 
 
 def test_stain_jitter_is_a_3x3_map_in_optical_density_matching_colour_deconvolution():

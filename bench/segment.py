@@ -11,6 +11,7 @@ and for exactly 2000 candidates. Each model runs in its own process so peak RSS 
     python bench/segment.py --image x.tif            # any image
     python bench/segment.py --models default old.pt  # checkpoint files side by side, same run
     python bench/segment.py --image bach --models default --baseline HEAD~3  # REV's code and model too
+    python bench/segment.py --image bach --models default --profile  # + seconds per part of the network
 
 ``--image bach`` tiles the real BACH slide crops of ``../shared/data/bach-wsi-crops``
 (0.467 µm/px), rescaled to BACH's 0.42 µm/px, into one 2048×1536 image (nothing is
@@ -30,7 +31,42 @@ from pathlib import Path
 import numpy as np
 
 
-def one(model: str, image: str | None, threads: int) -> dict:
+PARTS = ("backbone.body", "backbone.fpn", "rpn.head", "rpn", "roi_heads.box_roi_pool", "roi_heads.box_head",
+         "roi_heads.mask_roi_pool", "roi_heads.mask_head", "roi_heads.mask_predictor", "roi_heads")
+
+
+def profile(rgb, net, mpp: float, score_floor: float) -> dict:
+    """One more headless run with forward hooks: seconds in each part of the network (``rpn``
+    and ``roi_heads`` include their parts) and how many RoIs the mask branch saw."""
+    from collections import defaultdict
+
+    from napari_bach.model import for_inference
+    from napari_bach.predict import predict
+
+    model = for_inference(net)
+    seconds, rois, handles = defaultdict(float), [0], []
+    for name in PARTS:
+        module = model.get_submodule(name)
+
+        def pre(mod, args):
+            mod._t0 = time.perf_counter()
+
+        def post(mod, args, out, name=name):
+            seconds[name] += time.perf_counter() - mod._t0
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    handles.append(model.roi_heads.mask_head.register_forward_hook(
+        lambda mod, args, out: rois.__setitem__(0, rois[0] + args[0].shape[0])))
+    t0 = time.perf_counter()
+    predict(rgb, net, mpp, score_floor=score_floor)
+    total = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    return {"profile_total_s": round(total, 2), "profile_s": {k: round(v, 2) for k, v in seconds.items()},
+            "mask_rois": rois[0]}
+
+
+def one(model: str, image: str | None, threads: int, with_profile: bool = False) -> dict:
     import torch
 
     from napari_bach.checkpoint import DEFAULT_MODEL, load_checkpoint
@@ -93,6 +129,8 @@ def one(model: str, image: str | None, threads: int) -> dict:
                          [det.crops[i] for i in idx], candidate_nms=det.candidate_nms)
         out["refilter_2000_ms"] = round(latency(sub), 1)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if with_profile:
+        out.update(profile(rgb, net, mpp, cfg.default_score_threshold))
     return out
 
 
@@ -128,14 +166,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--baseline", metavar="REV", default=None,
                         help="also run this benchmark as commit REV had it (its code, its shipped model)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time each part of the network in one more headless run (forward hooks)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.image, args.threads)))
+        print(json.dumps(one(args.one, args.image, args.threads, args.profile)))
         return
     shared = ["--threads", str(args.threads)] + (["--image", args.image] if args.image else [])
     for model in args.models:
-        cmd = [sys.executable, __file__, "--one", model, *shared]
+        cmd = [sys.executable, __file__, "--one", model, *shared, *(["--profile"] if args.profile else [])]
         result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         print(json.dumps({**result, "rev": "working tree"}), flush=True)
     if args.baseline:

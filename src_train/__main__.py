@@ -152,6 +152,12 @@ def cmd_evaluate(args) -> int:
     train, val, _ = _load_nuclei(args)
     held = [s for group in val.values() for s in group]
     nuclei = train + held if args.all else held
+    if args.colour_cast:  # the same images as another scanner might colour them
+        from dataclasses import replace
+
+        from .augment import colour_cast
+
+        nuclei = [replace(s, image=colour_cast(s.image, args.colour_cast)) for s in nuclei]
     tissue = []
     if args.bach:
         bach_train, bach_val = stratified_split(load_bach(args.bach), args.val_fraction, args.seed, args.folds, args.fold)
@@ -237,6 +243,16 @@ def _pair(text: str) -> tuple[float, float]:
     if not 0 < lo <= hi:
         raise argparse.ArgumentTypeError(f"need 0 < LO <= HI, got {text!r}")
     return lo, hi
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected three positive numbers R,G,B (e.g. 1.35,1,0.7), got {text!r}")
+    return values
 
 
 def cmd_finetune(args) -> int:
@@ -348,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--score-threshold", type=float, default=None, help="default: the model's own")
     e.add_argument("--nms-iou", type=float, default=None, help="default: the model's own")
     e.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes per tile)")
+    e.add_argument("--colour-cast", type=_triple, metavar="R,G,B", default=None,
+                   help="robustness to another scanner: scale each RGB channel's optical density of the "
+                        "held-out images first (1.35,1,0.7: a purple cast)")
     e.add_argument("--config", action="append", type=_setting, metavar="KEY=VALUE",
                    help="evaluate under another inference setting (working mpp, tiling, proposal caps, "
                         "roi_sampling_ratio), e.g. mpp=0.35; repeat for several")

@@ -157,6 +157,8 @@ def save_plots(result: dict, out: Path, log_csv: Path | None = None) -> list[Pat
 def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
     result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou, args.tta,
                       dict(args.config or ()))
+    if getattr(args, "colour_cast", None):
+        result["colour_cast"] = list(args.colour_cast)  # the images were re-coloured first
     summary = {k: v for k, v in result.items() if k not in ("nuclei_per_image", "groups", "nms_sweep")}
     if "nms_sweep" in result:  # all of it in metrics.json
         summary["best_score_and_nms_by_f1"] = max(result["nms_sweep"], key=lambda r: r["f1"])

@@ -10,16 +10,14 @@ from napari_bach.model import build_model
 from napari_bach.predict import drain, iter_predict, predict
 from napari_bach.stain import estimate_stain, median_stain, normalise_rgb, normalise_stain
 from napari_bach.synthetic import synthetic_he
-from src_train.augment import AugmentConfig
+from src_train.augment import AugmentConfig, colour_cast
 from src_train.datasets import Sample
 from src_train.train import TrainConfig, Trainer
 from conftest import OracleModel, tiny_config
 
 
 def _cast(rgb: np.ndarray, per_channel=(1.35, 1.0, 0.7)) -> np.ndarray:
-    """Another scanner's colour: each channel's optical density scaled (a purple cast)."""
-    od = -np.log(np.clip(rgb / 255.0, 1 / 255, 1)) * np.array(per_channel)
-    return np.round(np.exp(-od) * 255).astype(np.uint8)
+    return colour_cast(rgb, per_channel)  # another scanner's colour: a purple cast by default
 
 
 def test_a_colour_cast_is_undone_and_glass_stays_white():

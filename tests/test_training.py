@@ -188,6 +188,12 @@ def test_resume_starts_fresh_then_evaluate_reports_metrics(tmp_path, capsys):
     assert main(["evaluate", "--monuseg", str(root), "--val-fraction", "0.34", "--model", str(tmp_path / "run" / "last.pt"),
                  "--out", str(out), "--config", "roi_sampling_ratio=1", "--config", "mpp=0.3"]) == 0
     assert json.loads((out / "metrics.json").read_text())["settings"] == {"roi_sampling_ratio": 1, "mpp": 0.3}
+    # and on the same images as another scanner might colour them
+    assert main(["evaluate", "--monuseg", str(root), "--val-fraction", "0.34", "--model", str(tmp_path / "run" / "last.pt"),
+                 "--out", str(out), "--colour-cast", "1.35,1,0.7"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["colour_cast"] == [1.35, 1.0, 0.7]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--monuseg", str(root), "--model", "x.pt", "--colour-cast", "1,2"])
 
 
 def test_nucleus_metrics_match_hand_computation():

@@ -235,24 +235,26 @@ def _sources(value: str):
     return parse_data_arg(value)
 
 
-def _pair(text: str) -> tuple[float, float]:
+def _positive_floats(text: str, names: str, example: str) -> tuple[float, ...]:
+    """``names`` (e.g. "LO,HI") comma-separated positive numbers, or argparse's message."""
     try:
-        lo, hi = (float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.6,1.6), got {text!r}") from None
-    if not 0 < lo <= hi:
+        values = ()
+    if len(values) != len(names.split(",")) or not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive {names} (e.g. {example}), got {text!r}")
+    return values
+
+
+def _pair(text: str) -> tuple[float, float]:
+    lo, hi = _positive_floats(text, "LO,HI", "0.6,1.6")
+    if lo > hi:
         raise argparse.ArgumentTypeError(f"need 0 < LO <= HI, got {text!r}")
     return lo, hi
 
 
 def _triple(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected three positive numbers R,G,B (e.g. 1.35,1,0.7), got {text!r}")
-    return values
+    return _positive_floats(text, "R,G,B", "1.35,1,0.7")
 
 
 def cmd_finetune(args) -> int:

@@ -42,7 +42,7 @@ class ModelConfig:
     box_batch_size: int = 128
     box_positive_fraction: float = 0.25
     # Bilinear samples per RoIAlign bin side (torchvision's default is 2): 1 is 4× fewer
-    # samples; box RoIAlign over every proposal is the costliest CPU step after the trunk.
+    # samples for the box RoIAlign over every proposal.
     roi_sampling_ratio: int = 2
     # Cached candidates: the floor under the score slider and the ceiling over the NMS
     # slider. Masks are computed for every candidate so refiltering never reruns the net.

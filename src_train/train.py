@@ -158,8 +158,9 @@ class Trainer:
         self.data_note, self.license = data_note, license
         cuda = self.device.startswith("cuda")
         self.model = build_model(model_cfg, pretrained=pretrained).to(self.device).train()
-        if cuda:
+        if cuda:  # channels-last weights and batches (the transform batches them); slower on CPU
             self.model = self.model.to(memory_format=torch.channels_last)
+            self.model.transform.channels_last = True
         self.net = self.model
         if self.dist.world > 1:  # tissue steps leave the detection heads unused, and vice versa
             from torch.nn.parallel import DistributedDataParallel
@@ -280,8 +281,7 @@ class Trainer:
             self._batches[kind] = iter(loader)
         images, targets = next(self._batches[kind])
         self.drawn[kind] += 1
-        memory = torch.channels_last if self.device.startswith("cuda") else torch.contiguous_format
-        images = [im.to(self.device, non_blocking=True).contiguous(memory_format=memory) for im in images]
+        images = [im.to(self.device, non_blocking=True) for im in images]
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         return images, targets
 

@@ -116,6 +116,20 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
 
 
+def test_channels_last_training_as_on_a_gpu_gives_the_same_losses(tmp_path):
+    """The GPU's memory layout (channels-last weights, the transform's batches), on the CPU:
+    a CPU twin of the CUDA path, which CI cannot run."""
+    losses = []
+    for layout in ("plain", "channels_last"):
+        torch.manual_seed(0)  # the same initial weights and samplers
+        t = _trainer(tmp_path / layout, max_steps=4)
+        if layout == "channels_last":
+            t.model.to(memory_format=torch.channels_last)
+            t.model.transform.channels_last = True
+        losses.append([t.train_step()["loss"] for _ in range(2)])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
+
+
 def test_resume_continues_the_same_run(tmp_path):
     t = _trainer(tmp_path / "a", max_steps=6)
     for _ in range(3):

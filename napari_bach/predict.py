@@ -28,6 +28,7 @@ from .stain import Stain, estimate_stain, normalise_stain
 from .tiling import Region, Tile, centre_in, tile_grid
 
 MIN_TISSUE_PIXELS = 16  # a tile with fewer non-glass pixels holds no nucleus
+NO_RESAMPLING = 0.02  # an image within 2% of the model's µm/px is not resampled (no blur for nothing)
 
 T = TypeVar("T")
 
@@ -98,8 +99,6 @@ class TileGeometry:
 
 
 def _scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
-    if abs(factor - 1.0) <= 0.02:
-        return shape
     return max(1, round(shape[0] * factor)), max(1, round(shape[1] * factor))
 
 
@@ -118,6 +117,8 @@ def plan_tiles(image_shape: tuple[int, int], config, pixel_size: PixelSize | flo
     like tissue to it and yields slivers at the edge; detections centred in the padding
     are not owned by any tile (:meth:`TileGeometry.to_image`)."""
     factor = (as_pixel_size(pixel_size).mpp or config.mpp) / config.mpp
+    if abs(factor - 1.0) <= NO_RESAMPLING:  # used as it is, and boxes map back by the same 1.0
+        factor = 1.0
     h, w = _scaled_shape(tuple(image_shape), factor)
     ph, pw = max(0, config.tile_size - h), max(0, config.tile_size - w)
     return TileGeometry(factor, tuple(image_shape), (h, w),

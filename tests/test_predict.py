@@ -33,6 +33,20 @@ def test_rescaling_to_model_resolution_and_back():
     np.testing.assert_allclose(sorted(seg.boxes[:, 0]), [40, 100], atol=2)
 
 
+def test_an_image_within_two_percent_of_the_model_scale_is_not_resampled_and_stays_in_place():
+    """Not resampled, so its boxes must not be rescaled either (they were, by 1/1.015: a
+    nucleus 1000 px from the origin came back 15 px off)."""
+    cfg = tiny_config(mpp=0.4)
+    squares = [(20, 30, 12), (900, 950, 14), (500, 40, 10)]
+    rgb = image_with_squares((1000, 1000), squares)
+    model = OracleModel(cfg)
+    seg = predict(rgb, model, pixel_size=0.4 * 1.015).refilter(0.5, 0.5)
+    assert model.seen.shape[-1] <= cfg.tile_size and len(seg.ids) == len(squares)
+    for y, x, s in squares:
+        inside = seg.labels[y:y + s, x:x + s]
+        assert (inside > 0).mean() > 0.7, (y, x)
+
+
 def test_progress_per_tile_and_glass_tiles_are_skipped():
     cfg = tiny_config(tile_size=128, tile_overlap=32)
     rgb = image_with_squares((128, 400), [(30, 30, 10)])  # mostly blank glass

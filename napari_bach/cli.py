@@ -19,6 +19,7 @@ from .checkpoint import DEFAULT_MODEL
 from .config import Thresholds
 from .imageio import IMAGE_SUFFIXES, ImageReadError, read_image
 from .pixelsize import check_mpp, resolve_mpp
+from .scale import unknown_scale_note
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -202,9 +203,6 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         for note in data.notices:
             log(f"[{n}/{len(jobs)}] {job.path.name}: {note}")
         pixel_size = data.pixel_size if data.pixel_size.known else resolve_mpp(fallback=mpp)
-        if not pixel_size.known:
-            log(f"[{n}/{len(jobs)}] {job.path.name}: µm/px unknown, ran as if at the model's {cfg.mpp:g} µm/px; "
-                "sizes in pixels only (give --mpp)")
         tiles = tqdm(desc=job.path.name, unit="tile", disable=not progress, position=1, leave=False)
 
         def tick(step, bar=tiles):
@@ -215,6 +213,9 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         det = predict(data.rgb, model, pixel_size, tissue_trained=info.tissue_trained, progress=tick, tta=tta,
                       score_floor=limits.score)  # masks only for nuclei the threshold keeps
         tiles.close()
+        if not pixel_size.known:
+            log(f"[{n}/{len(jobs)}] {job.path.name}: {unknown_scale_note(det.scale_estimate, cfg.mpp)}; "
+                "sizes in pixels only (give --mpp)")
         seg = det.refilter(limits.score, limits.nms_iou, min_area=limits.min_area_px(pixel_size.mpp, cfg)).consecutive()
         table = measure_nuclei(seg, hematoxylin(data.rgb))
         job.output(out, "").parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +224,8 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         write_geojson(job.output(out, "_nuclei.geojson"), seg, table, info.name)
         row = {"image": str(job.path), "mpp": pixel_size.mpp or "", "mpp_source": pixel_size.source,
                "nuclei": len(seg.ids), "tissue_class": "not trained"}
+        if not pixel_size.known:
+            row["note"] = unknown_scale_note(det.scale_estimate, cfg.mpp)
         if det.tissue_probs is not None:
             row["tissue_class"] = classes[int(np.argmax(det.tissue_probs))]
             row.update({f"p_{c}": round(float(p), 4) for c, p in zip(classes, det.tissue_probs)})

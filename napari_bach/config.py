@@ -57,6 +57,11 @@ class ModelConfig:
     default_min_area: float = 3.0
     # Working scale and tiling.
     mpp: float = 0.4
+    # Median equivalent diameter (µm) of this model's nuclei on validation images at their
+    # true µm/px. > 0: an image of unknown µm/px is segmented at the scale where its nuclei
+    # have this median size (napari_bach.scale, as cellpose estimates a diameter);
+    # 0: such an image runs as if it were at ``mpp``.
+    nucleus_diameter_um: float = 0.0
     tile_size: int = 512
     tile_overlap: int = 96
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -116,7 +121,7 @@ class ModelConfig:
 # What a checkpoint's weights do not depend on: changed without retraining (``ship --config``,
 # ``evaluate --config``, :func:`napari_bach.model.with_settings`) and chosen on validation.
 INFERENCE_SETTINGS: tuple[str, ...] = (
-    "mpp", "tile_size", "tile_overlap", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_nms", "roi_sampling_ratio",
+    "mpp", "nucleus_diameter_um", "tile_size", "tile_overlap", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_nms", "roi_sampling_ratio",
     "candidate_score", "candidate_nms", "max_candidates_per_tile",
     "default_score_threshold", "default_nms_iou", "default_min_area")
 

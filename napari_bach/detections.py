@@ -56,6 +56,7 @@ class Detections:
     candidate_nms: float = 1.0  # NMS already applied to the candidates
     score_floor: float = 0.0  # candidates below this score were never computed
     pixel_size: PixelSize = PixelSize(None)  # of the image the candidates are in
+    scale_estimate: float | None = None  # µm/px it was segmented at when its own is unknown (napari_bach.scale)
     classes: tuple[str, ...] = BACH_CLASSES  # order of tissue_probs
     _ranked_by_iou: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

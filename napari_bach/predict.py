@@ -240,23 +240,33 @@ def flip_tta(model: BachMaskRCNN, score_floor: float | None = None
 
 def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None = None,
                  tissue_trained: bool = True, batch_size: int | None = None, tta: bool = False,
-                 score_floor: float | None = None, stain: Stain | None = None
+                 score_floor: float | None = None, stain: Stain | None = None, estimate_scale: bool = True
                  ) -> Generator[Progress, None, Detections]:
     """Segment a whole RGB image tile by tile; yields progress, returns all candidates.
     ``tta``: flip test-time augmentation (4 network passes per tile, see :func:`flip_tta`).
     ``score_floor``: candidates from this score up only (masks for nothing below it): for
     runs whose threshold is known in advance; refiltering at that threshold or above
     gives the same nuclei as from the full candidate cache. ``stain``: the image's stain
-    when known (a slide's), for models with stain normalisation (:func:`run_tiled`)."""
+    when known (a slide's), for models with stain normalisation (:func:`run_tiled`).
+    ``estimate_scale``: an image of unknown µm/px is segmented at the scale its nuclei
+    say (:mod:`napari_bach.scale`; ``Detections.scale_estimate``), for models that know
+    their nuclei's size; otherwise, or when that fails, as if at the model's own µm/px."""
     model = for_inference(model)
     cfg = model.config
     pixel_size = as_pixel_size(pixel_size)
+    working = pixel_size  # the µm/px the tiles are cut at; an estimate never becomes the image's own
+    estimate = None
+    if estimate_scale and not pixel_size.known and cfg.nucleus_diameter_um > 0:
+        from .scale import iter_estimate_mpp
+
+        estimate = yield from iter_estimate_mpp(rgb, model)
+        working = PixelSize(estimate, "estimated from nucleus size") if estimate else pixel_size
     if tta:
         step = flip_tta(model, score_floor)
     else:  # masks only for what each tile owns
         def step(crops: list[torch.Tensor], regions: list[Region]) -> list[dict]:
             return model(crops, score_floor=score_floor, regions=regions)
-    geometry, outputs = yield from run_tiled(rgb, model, pixel_size, step, batch_size, stain)
+    geometry, outputs = yield from run_tiled(rgb, model, working, step, batch_size, stain)
     orig_shape = geometry.image_shape
     limit = torch.tensor([orig_shape[1], orig_shape[0]] * 2, dtype=torch.float32)
     parts, tissue_logits, weights = [], [], []
@@ -274,8 +284,8 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
         probs = ((torch.stack(tissue_logits).softmax(-1) * wt).sum(0) / wt.sum()).numpy()
     floor = cfg.candidate_score if score_floor is None else max(score_floor, cfg.candidate_score)
     return Detections.concatenate(parts, orig_shape, tissue_probs=probs, candidate_nms=cfg.candidate_nms,
-                                  score_floor=floor,
-                                  pixel_size=pixel_size, classes=cfg.tissue_classes)
+                                  score_floor=floor, pixel_size=pixel_size, scale_estimate=estimate,
+                                  classes=cfg.tissue_classes)
 
 
 def predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None = None,

@@ -195,7 +195,8 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
             ahead = reader.submit(read, work[n + 1]) if n + 1 < len(work) else None
             b = blocks[k]
             det = yield from _within_block(iter_predict(rgb, model, slide.pixel_size, tissue_trained,
-                                                        score_floor=limits.score, stain=stain),
+                                                        score_floor=limits.score, stain=stain,
+                                                        estimate_scale=False),  # one scale for all blocks
                                            sum(tiles[:n]), clock, f"block {n + 1}/{len(work)}")
             seg = det.refilter(limits.score, limits.nms_iou, min_area=min_area_px)
             kept = _owned(seg, b)

@@ -158,6 +158,10 @@ def cmd_evaluate(args) -> int:
         from .augment import colour_cast
 
         nuclei = [replace(s, image=colour_cast(s.image, args.colour_cast)) for s in nuclei]
+    if args.zoom:  # the same tissue as another magnification gives it
+        from .datasets import rescale_sample
+
+        nuclei = [rescale_sample(s, s.mpp / args.zoom) for s in nuclei]
     tissue = []
     if args.bach:
         bach_train, bach_val = stratified_split(load_bach(args.bach), args.val_fraction, args.seed, args.folds, args.fold)
@@ -255,6 +259,10 @@ def _pair(text: str) -> tuple[float, float]:
 
 def _triple(text: str) -> tuple[float, float, float]:
     return _positive_floats(text, "R,G,B", "1.35,1,0.7")
+
+
+def _positive_float(text: str) -> float:
+    return _positive_floats(text, "F", "0.5")[0]
 
 
 def cmd_finetune(args) -> int:
@@ -369,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--colour-cast", type=_triple, metavar="R,G,B", default=None,
                    help="robustness to another scanner: scale each RGB channel's optical density of the "
                         "held-out images first (1.35,1,0.7: a purple cast)")
+    e.add_argument("--zoom", type=_positive_float, default=None, metavar="F",
+                   help="resample the held-out images and labels by F first (0.5: 40× images as a 20× "
+                        "scan shows them)")
+    e.add_argument("--hide-mpp", action="store_true",
+                   help="segment the held-out images as if their µm/px were unknown (untagged files)")
     e.add_argument("--config", action="append", type=_setting, metavar="KEY=VALUE",
                    help="evaluate under another inference setting (working mpp, tiling, proposal caps, "
                         "roi_sampling_ratio), e.g. mpp=0.35; repeat for several")

@@ -21,17 +21,28 @@ SCORE_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 NMS_SWEEP = (0.3, 0.4, 0.5, 0.6)
 
 
-def sweep_nuclei(model, samples: list[Sample], score_thresholds, nms_values,
-                 tta: bool = False) -> dict[tuple[float, float], list[dict]]:
+def sweep_nuclei(model, samples: list[Sample], score_thresholds, nms_values, tta: bool = False,
+                 hide_mpp: bool = False, size_at: tuple[float, float] | None = None
+                 ) -> dict[tuple[float, float], list[dict]]:
     """Per-image nucleus metrics at each (score threshold, NMS IoU); the network runs once
     per image and the pairs only re-filter its cached candidates. The model's minimum
-    nucleus area applies, as it does for users."""
+    nucleus area applies, as it does for users. ``hide_mpp``: each image is segmented as
+    if its µm/px were unknown (an untagged file). ``size_at``: at this pair, each image's
+    metrics also hold the median equivalent diameter of the nuclei found
+    (``median_diameter_um``, with the µm/px known)."""
+    from napari_bach.scale import median_diameter
+
     out = {(t, n): [] for t in score_thresholds for n in nms_values}
     for s in samples:
-        det = predict(s.image, model, s.mpp, tissue_trained=False, tta=tta)
-        min_area = Thresholds().min_area_px(s.mpp, model.config)
+        mpp = None if hide_mpp else s.mpp
+        det = predict(s.image, model, mpp, tissue_trained=False, tta=tta)
+        min_area = Thresholds().min_area_px(mpp, model.config)
         for t, n in out:
-            out[t, n].append(nucleus_metrics(s.labels, det.refilter(t, n, min_area=min_area).labels))
+            labels = det.refilter(t, n, min_area=min_area).labels
+            metrics = nucleus_metrics(s.labels, labels)
+            if (t, n) == size_at and not hide_mpp:
+                metrics["median_diameter_um"] = median_diameter(labels)[0] * s.mpp
+            out[t, n].append(metrics)
     return out
 
 
@@ -50,12 +61,15 @@ def _group_mean(per_image: list[dict], groups: list[str]) -> dict:
 
 def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),
              score_threshold: float | None = None, nms_iou: float | None = None, tta: bool = False,
-             settings: dict | None = None) -> dict:
+             settings: dict | None = None, hide_mpp: bool = False) -> dict:
     """Metrics of one model; nucleus images are segmented whole, at their own µm/px
-    (``tta``: with flip test-time augmentation). Images from several sources (``group``)
-    are also reported per group, with the sweep of their group means: unseen hospitals
-    count the same however many images each has. ``settings``: inference settings to
-    change first (:func:`napari_bach.model.with_settings`)."""
+    (``tta``: with flip test-time augmentation; ``hide_mpp``: as if it were unknown).
+    Images from several sources (``group``) are also reported per group, with the sweep
+    of their group means: unseen hospitals count the same however many images each has.
+    ``settings``: inference settings to change first (:func:`napari_bach.model.with_settings`).
+    ``nucleus_diameter_um``: the median nucleus the model finds at its thresholds (the
+    median of each group's image medians, averaged over groups), its reference size for
+    images of unknown µm/px (``ship --config nucleus_diameter_um=...``)."""
     model, info = load_checkpoint(model_path)
     if settings:
         model = with_settings(model, **settings)
@@ -63,12 +77,18 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
     score = cfg.default_score_threshold if score_threshold is None else score_threshold
     nms = cfg.default_nms_iou if nms_iou is None else nms_iou
     result = {"model": str(model_path), "model_status": info.status, "score_threshold": score, "nms_iou": nms,
-              "tta": tta, "settings": settings or {}}
+              "tta": tta, "settings": settings or {}, "mpp_hidden": hide_mpp}
     if nuclei:
-        by_pair = sweep_nuclei(model, nuclei, sorted({score, *SCORE_SWEEP}), sorted({nms, *NMS_SWEEP}), tta)
+        by_pair = sweep_nuclei(model, nuclei, sorted({score, *SCORE_SWEEP}), sorted({nms, *NMS_SWEEP}), tta,
+                               hide_mpp, size_at=(score, nms))
         by_threshold = {t: v for (t, n), v in by_pair.items() if n == nms}
         result["nuclei"] = pooled_nucleus_metrics(by_threshold[score])
         result["nuclei_per_image"] = [{"image": s.name, **m} for s, m in zip(nuclei, by_threshold[score])]
+        if not hide_mpp:
+            medians = [float(np.median([m["median_diameter_um"] for s, m in zip(nuclei, by_threshold[score])
+                                        if s.group == g and m["median_diameter_um"] > 0]))
+                       for g in sorted({s.group for s in nuclei})]
+            result["nucleus_diameter_um"] = float(np.mean(medians))
         result["score_sweep"] = [{"score_threshold": t, **pooled_nucleus_metrics(by_threshold[t])} for t in SCORE_SWEEP]
         groups = sorted({s.group for s in nuclei})
         if len(groups) > 1:
@@ -156,7 +176,9 @@ def save_plots(result: dict, out: Path, log_csv: Path | None = None) -> list[Pat
 
 def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
     result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou, args.tta,
-                      dict(args.config or ()))
+                      dict(args.config or ()), getattr(args, "hide_mpp", False))
+    if getattr(args, "zoom", None):
+        result["zoom"] = args.zoom  # the images were resampled first
     if getattr(args, "colour_cast", None):
         result["colour_cast"] = list(args.colour_cast)  # the images were re-coloured first
     summary = {k: v for k, v in result.items() if k not in ("nuclei_per_image", "groups", "nms_sweep")}

@@ -18,6 +18,7 @@ from ..edit import Edits
 from ..measure import hematoxylin, measure_nuclei
 from ..pixelsize import EXPLICIT, PixelSize
 from ..predict import iter_predict
+from ..scale import unknown_scale_note
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, image_and_placement,
                      layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, tissue_text, wrap)
 from .layers import OUTLINE_PX, result_layers, write_changed_nuclei
@@ -298,7 +299,7 @@ class SegmentWidget(Container):
                                                if r.edits else "")]
         ps = r.det.pixel_size
         if not ps.known:
-            lines.append(f"µm/px unknown: ran as if at the model's {r.model_mpp:g} µm/px; sizes in pixels "
+            lines.append(f"{unknown_scale_note(r.det.scale_estimate, r.model_mpp)}; sizes in pixels "
                          "(set µm/px and run again for µm)")
         lines += r.info.status.rsplit(", ", 1)  # the name may hold commas: split off the tissue part only
         return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""The scale of an image whose µm/px is unknown, estimated from the size of its nuclei.
+
+The model sees nuclei at the sizes it was trained on only when an image is rescaled by
+its true µm/px. Untagged TIFF, PNG and JPEG crops (20× and 40× exports, most public
+nucleus sets) carry none; run as if at the model's own scale, a 20× crop loses much of
+its accuracy (README). As cellpose estimates a cell diameter, one quick pass over the
+image's most tissue-rich window measures its median nucleus, and the image is segmented
+at the µm/px where that median matches the model's own (``config.nucleus_diameter_um``,
+measured by ``src_train evaluate`` on validation images at their true µm/px). The
+estimate sets the segmentation scale only: sizes stay in pixels, since it is not a
+measurement of the scanner.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .imageio import BACKGROUND_LEVEL
+
+WINDOW = 768  # image pixels per side sampled (the whole image when smaller): ~4 tiles
+MIN_NUCLEI = 25  # fewer nuclei in the window: no estimate, the model's own scale is used
+MPP_LIMITS = (0.1, 1.5)  # an estimate outside this µm/px range is not trusted
+
+
+def tissue_window(rgb: np.ndarray, size: int = WINDOW) -> tuple[slice, slice]:
+    """The ``size``² window (on a grid of quarter steps) holding the most tissue."""
+    h, w = rgb.shape[:2]
+    if h <= size and w <= size:
+        return slice(0, h), slice(0, w)
+    step = max(1, size // 4)
+    tissue = (rgb[::8, ::8].min(axis=-1) < BACKGROUND_LEVEL).astype(np.int64)
+    total = np.pad(tissue.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    best, where = -1, (0, 0)
+    for y in list(range(0, max(1, h - size), step)) + [max(0, h - size)]:
+        for x in list(range(0, max(1, w - size), step)) + [max(0, w - size)]:
+            y0, x0, y1, x1 = y // 8, x // 8, min(h, y + size) // 8, min(w, x + size) // 8
+            count = total[y1, x1] - total[y0, x1] - total[y1, x0] + total[y0, x0]
+            if count > best:
+                best, where = count, (y, x)
+    return slice(where[0], where[0] + size), slice(where[1], where[1] + size)
+
+
+def median_diameter(labels: np.ndarray) -> tuple[float, int]:
+    """Median equivalent diameter (px) of the labelled objects, and how many there are."""
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas > 0]
+    if not len(areas):
+        return 0.0, 0
+    return float(np.sqrt(4 * np.median(areas) / np.pi)), len(areas)
+
+
+def iter_estimate_mpp(rgb: np.ndarray, model):
+    """Generator (progress, as :func:`~napari_bach.predict.iter_predict`) returning the µm/px
+    at which ``rgb``'s nuclei have the model's median diameter, or None when the model has
+    no reference size, the window holds too few nuclei, or the answer is implausible."""
+    from .predict import iter_predict
+
+    cfg = model.config
+    if cfg.nucleus_diameter_um <= 0:
+        return None
+    ys, xs = tissue_window(rgb)
+    det = yield from iter_predict(np.ascontiguousarray(rgb[ys, xs]), model, None, tissue_trained=False,
+                                  score_floor=cfg.default_score_threshold, estimate_scale=False)
+    seg = det.refilter(cfg.default_score_threshold, cfg.default_nms_iou)
+    diameter, n = median_diameter(seg.labels)
+    if n < MIN_NUCLEI:
+        return None
+    mpp = cfg.nucleus_diameter_um / diameter
+    return mpp if MPP_LIMITS[0] <= mpp <= MPP_LIMITS[1] else None
+
+
+def unknown_scale_note(scale_estimate: float | None, model_mpp: float) -> str:
+    """What the user is told about an image of unknown µm/px (``Detections.scale_estimate``)."""
+    if scale_estimate:
+        return f"µm/px unknown: segmented at {scale_estimate:.3g} µm/px, estimated from the size of its nuclei"
+    return f"µm/px unknown: ran as if at the model's {model_mpp:g} µm/px"

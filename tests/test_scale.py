@@ -1,0 +1,48 @@
+"""Images of unknown µm/px are segmented at the scale their nuclei's size says."""
+import numpy as np
+import pytest
+
+from conftest import OracleModel, image_with_squares, tiny_config
+from napari_bach.predict import predict
+from napari_bach.scale import MIN_NUCLEI, median_diameter, tissue_window
+
+SIDE = 21  # squares of 21 px: the oracle's boxes (and masks) are 20×20, an equivalent diameter of 22.6 px
+SQUARES = [(y, x, SIDE) for y in range(30, 560, 60) for x in range(40, 560, 60)]
+
+
+def _image():
+    return image_with_squares((600, 600), SQUARES)
+
+
+def test_median_diameter_and_the_most_tissue_rich_window():
+    labels = np.zeros((50, 50), np.int32)
+    labels[:10, :10], labels[20:24, 20:24], labels[30:50, 30:50] = 1, 2, 3
+    d, n = median_diameter(labels)
+    assert n == 3 and d == pytest.approx(np.sqrt(4 * 100 / np.pi))
+    rgb = np.full((2000, 3000, 3), 255, np.uint8)
+    rgb[1200:1900, 2100:2900] = 90
+    ys, xs = tissue_window(rgb, 768)
+    assert ys.start >= 1000 and xs.start >= 1900 and ys.stop - ys.start == 768 == xs.stop - xs.start
+    assert tissue_window(rgb[:500, :600], 768) == (slice(0, 500), slice(0, 600))
+
+
+def test_unknown_mpp_is_estimated_from_the_nuclei_and_used_for_segmenting_only():
+    # nuclei of 9 µm: 22.6 px of them means 0.40 µm/px; the model works at 0.6 µm/px
+    model = OracleModel(tiny_config(mpp=0.6, nucleus_diameter_um=9.0))
+    det = predict(_image(), model, None)
+    assert det.scale_estimate == pytest.approx(9.0 / np.sqrt(4 * 400 / np.pi), rel=0.02)
+    assert not det.pixel_size.known  # an estimate is not the image's µm/px: sizes stay in pixels
+    assert model.seen.shape[-1] <= 128 and det.image_shape == (600, 600)
+    seg = det.refilter(0.5, 0.5)
+    assert len(seg.ids) == len(SQUARES)
+    for y, x, s in SQUARES:  # found where they are, at the image's own pixels
+        inside = seg.labels[y:y + s, x:x + s]
+        assert (inside > 0).mean() > 0.6, (y, x)
+
+
+def test_no_estimate_without_a_reference_size_few_nuclei_or_a_known_mpp():
+    assert predict(_image(), OracleModel(tiny_config(mpp=0.6)), None).scale_estimate is None
+    few = image_with_squares((600, 600), SQUARES[: MIN_NUCLEI - 1])
+    model = OracleModel(tiny_config(mpp=0.6, nucleus_diameter_um=9.0))
+    assert predict(few, model, None).scale_estimate is None
+    assert predict(_image(), model, 0.4).scale_estimate is None  # the file's own µm/px wins

@@ -51,6 +51,18 @@ def drain(gen: Generator[Progress, None, T], progress: Callable[[Progress], None
             progress(step)
 
 
+def relayed(gen: Generator[Progress, None, T], relabel: Callable[[Progress], Progress]
+            ) -> Generator[Progress, None, T]:
+    """Run a progress generator as part of another: each step re-labelled (a slide's block,
+    a scale estimate before the image); returns its value."""
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield relabel(step)
+
+
 def available_devices() -> list[str]:
     devices = ["cpu"]
     if torch.cuda.is_available():

@@ -52,14 +52,16 @@ def iter_estimate_mpp(rgb: np.ndarray, model):
     """Generator (progress, as :func:`~napari_bach.predict.iter_predict`) returning the µm/px
     at which ``rgb``'s nuclei have the model's median diameter, or None when the model has
     no reference size, the window holds too few nuclei, or the answer is implausible."""
-    from .predict import iter_predict
+    from .predict import Progress, iter_predict, relayed
 
     cfg = model.config
     if cfg.nucleus_diameter_um <= 0:
         return None
     ys, xs = tissue_window(rgb)
-    det = yield from iter_predict(np.ascontiguousarray(rgb[ys, xs]), model, None, tissue_trained=False,
-                                  score_floor=cfg.default_score_threshold, estimate_scale=False)
+    run = iter_predict(np.ascontiguousarray(rgb[ys, xs]), model, None, tissue_trained=False,
+                       score_floor=cfg.default_score_threshold, estimate_scale=False)
+    det = yield from relayed(run, lambda step: Progress(step.done, step.total,
+                                                        f"µm/px unknown, estimating the scale: {step.message}"))
     seg = det.refilter(cfg.default_score_threshold, cfg.default_nms_iou)
     diameter, n = median_diameter(seg.labels)
     if n < MIN_NUCLEI:

@@ -28,7 +28,7 @@ from .detections import Segmentation
 from .geojson import geojson_features, polygons
 from .measure import COLUMNS, hematoxylin, measure_nuclei
 from .pixelsize import PixelSize
-from .predict import Progress, iter_predict, plan_tiles
+from .predict import Progress, iter_predict, plan_tiles, relayed
 from .slideio import Slide, open_slide, overview, tissue_mask
 from .stain import estimate_stain
 from .tiling import Tile, centre_in, tile_grid
@@ -244,13 +244,8 @@ def _duration(seconds: float) -> str:
 
 def _within_block(gen, done: int, clock: _Clock, name: str):
     """A block's tile loop, reported as tiles through the slide (Cancel works between tiles)."""
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        now = done + step.done
-        yield Progress(now, clock.total, f"{name}: tile {step.done}/{step.total}{clock.eta(now)}")
+    return (yield from relayed(gen, lambda step: Progress(
+        done + step.done, clock.total, f"{name}: tile {step.done}/{step.total}{clock.eta(done + step.done)}")))
 
 
 def _owned(seg: Segmentation, block: Tile) -> np.ndarray:

@@ -85,10 +85,11 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
         result["nuclei"] = pooled_nucleus_metrics(by_threshold[score])
         result["nuclei_per_image"] = [{"image": s.name, **m} for s, m in zip(nuclei, by_threshold[score])]
         if not hide_mpp:
-            medians = [float(np.median([m["median_diameter_um"] for s, m in zip(nuclei, by_threshold[score])
-                                        if s.group == g and m["median_diameter_um"] > 0]))
-                       for g in sorted({s.group for s in nuclei})]
-            result["nucleus_diameter_um"] = float(np.mean(medians))
+            sizes = {g: [m["median_diameter_um"] for s, m in zip(nuclei, by_threshold[score])
+                         if s.group == g and m["median_diameter_um"] > 0] for g in {s.group for s in nuclei}}
+            medians = [float(np.median(v)) for v in sizes.values() if v]
+            if medians:  # none when the model finds no nucleus
+                result["nucleus_diameter_um"] = float(np.mean(medians))
         result["score_sweep"] = [{"score_threshold": t, **pooled_nucleus_metrics(by_threshold[t])} for t in SCORE_SWEEP]
         groups = sorted({s.group for s in nuclei})
         if len(groups) > 1:

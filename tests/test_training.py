@@ -206,6 +206,12 @@ def test_resume_starts_fresh_then_evaluate_reports_metrics(tmp_path, capsys):
     assert main(["evaluate", "--monuseg", str(root), "--val-fraction", "0.34", "--model", str(tmp_path / "run" / "last.pt"),
                  "--out", str(out), "--colour-cast", "1.35,1,0.7"]) == 0
     assert json.loads((out / "metrics.json").read_text())["colour_cast"] == [1.35, 1.0, 0.7]
+    # as an untagged 20× file: half the size, µm/px hidden (no reference size: the model's scale)
+    assert main(["evaluate", "--monuseg", str(root), "--val-fraction", "0.34", "--model", str(tmp_path / "run" / "last.pt"),
+                 "--out", str(out), "--zoom", "0.5", "--hide-mpp"]) == 0
+    hidden = json.loads((out / "metrics.json").read_text())
+    assert hidden["zoom"] == 0.5 and hidden["mpp_hidden"] and "nucleus_diameter_um" not in hidden
+    assert "nucleus_diameter_um" in result  # measured with the µm/px known
     with pytest.raises(SystemExit):
         main(["evaluate", "--monuseg", str(root), "--model", "x.pt", "--colour-cast", "1,2"])
 

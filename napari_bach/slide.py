@@ -33,10 +33,9 @@ from .slideio import Slide, open_slide, overview, tissue_mask
 from .stain import estimate_stain
 from .tiling import Tile, centre_in, tile_grid
 
-HALO_UM = 40.0  # context around each block: a nucleus (≤ 30 µm) on the border is seen whole
 CHUNK = 1024  # labels zarr chunk side
 FORMAT = "napari-bach-slide"
-VERSION = 2  # 2: balanced blocks (a version 1 run's block numbers mean other blocks)
+VERSION = 3  # 2: balanced blocks; 3: the block halo is the tile margin (other blocks again)
 
 
 @dataclass
@@ -77,6 +76,13 @@ def slide_stem(path: str | Path) -> str:
     return Path(path).name.split(".")[0]
 
 
+def block_halo(mpp: float | None, config) -> int:
+    """Context around each block, in the slide's pixels: a tile's own margin (half the tile
+    overlap), so a block border is one more tile border, and a nucleus the block owns is
+    seen as whole as one a tile owns."""
+    return int(np.ceil(config.tile_overlap / 2 * config.mpp / (mpp or config.mpp)))
+
+
 def run_settings(slide: Slide, config, region: tuple[int, int, int, int] | None, thresholds: Thresholds,
                  block_size: int, model_name: str) -> dict:
     """Everything that decides a slide run's results; a resumed run must match them.
@@ -87,10 +93,10 @@ def run_settings(slide: Slide, config, region: tuple[int, int, int, int] | None,
     if y1 <= y0 or x1 <= x0:
         raise ValueError(f"the region {region} holds no pixels of this {w}×{h} slide")
     limits = thresholds.resolve(config)
-    halo = int(np.ceil(HALO_UM / (slide.pixel_size.mpp or config.mpp)))
+    halo = block_halo(slide.pixel_size.mpp, config)
     if block_size <= 4 * halo:
-        raise ValueError(f"block size {block_size} px is too small: it must exceed 4× the {halo} px "
-                         f"({HALO_UM:g} µm) of context around each block, i.e. at least {4 * halo + 1} px")
+        raise ValueError(f"block size {block_size} px is too small: it must exceed 4× the {halo} px of context "
+                         f"around each block, i.e. at least {4 * halo + 1} px")
     return {"format": FORMAT, "version": VERSION, "region": [y0, x0, y1, x1], "block_size": block_size,
             "halo": halo, "score": limits.score, "nms_iou": limits.nms_iou, "min_area": limits.min_area,
             "model": model_name, "mpp": slide.pixel_size.mpp}

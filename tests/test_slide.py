@@ -12,12 +12,10 @@ import zarr
 from conftest import OracleModel, image_with_squares, tiny_config
 from napari_bach.config import Thresholds
 from napari_bach.predict import drain, predict
-from napari_bach import slide as slide_module
 from napari_bach.slide import is_finished, iter_segment_slide
 from napari_bach.slideio import is_slide, open_slide
 
 MPP = 0.4
-HALO_UM = slide_module.HALO_UM  # the real one, before small_halo below
 
 
 def write_pyramid(path, rgb, mpp=MPP, tile=128):
@@ -32,12 +30,6 @@ def write_pyramid(path, rgb, mpp=MPP, tile=128):
 
 
 SQUARES = [(y, x, s) for y in range(20, 560, 70) for x in range(30, 520, 90) for s in [12 + (x + y) % 9]]
-
-
-@pytest.fixture(autouse=True)
-def small_halo(monkeypatch):
-    """16 µm of context (40 px) is plenty for these ≤ 20 px squares and allows small blocks."""
-    monkeypatch.setattr("napari_bach.slide.HALO_UM", 16.0)
 
 
 @pytest.fixture
@@ -143,7 +135,6 @@ def test_cli_and_a_two_worker_dask_cluster_write_both_slides_and_skip_them_on_re
                                                                                      monkeypatch):
     from napari_bach.cli import main
 
-    monkeypatch.setattr("napari_bach.slide.HALO_UM", HALO_UM)  # as in the dask workers' own processes
     from napari_bach.synthetic import synthetic_he
 
     folder = tmp_path / "slides"
@@ -258,7 +249,6 @@ def test_cli_refuses_another_region_into_a_used_folder_and_bad_slide_arguments(t
     from napari_bach.cli import main
     from napari_bach.synthetic import synthetic_he
 
-    monkeypatch.setattr("napari_bach.slide.HALO_UM", HALO_UM)
     folder = tmp_path / "slides"
     folder.mkdir()
     write_pyramid(folder / "s.tif", synthetic_he((256, 320), mpp=MPP, seed=1)[0])

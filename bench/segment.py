@@ -4,7 +4,9 @@ Prints, per model: segment time as Segment nuclei runs it (candidates from 0.15 
 model's threshold, for the sliders; the first run in a fresh process, which also builds
 the CPU kernels, and the next) and as the CLI/slides run it (masks only for nuclei kept),
 peak RSS, candidates, and refilter latency (median of 20) for the model's own candidates
-and for exactly 2000 candidates. Each model runs in its own process so peak RSS is its own.
+and for exactly 2000 candidates, and the headless time as if the file were untagged (µm/px
+unknown: the scale is estimated from the nuclei first). Each model runs in its own process
+so peak RSS is its own.
 
     python bench/segment.py                          # shipped default and an R50 with paper heads
     python bench/segment.py --image bach             # real tissue: a mosaic of ../shared's BACH crops
@@ -105,6 +107,9 @@ def one(model: str, image: str | None, threads: int, with_profile: bool = False)
     t0 = time.perf_counter()  # what the CLI and slides run: masks only for kept nuclei
     headless = predict(rgb, net, mpp, score_floor=cfg.default_score_threshold)
     headless_s = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the same as an untagged file: µm/px unknown (the scale estimated first)
+    untagged = predict(rgb, net, None, score_floor=cfg.default_score_threshold)
+    untagged_s = time.perf_counter() - t0
 
     def latency(d) -> float:
         runs = []
@@ -118,7 +123,8 @@ def one(model: str, image: str | None, threads: int, with_profile: bool = False)
     out = {"model": label, "image": image or "synthetic H&E 2048x1536", "tiles": tiles[-1], "mm2": round(mm2, 3),
            "first_segment_s": round(first, 1), "segment_s": round(seconds, 1), "headless_s": round(headless_s, 1),
            "headless_mm2_per_s": round(mm2 / headless_s, 3), "candidates": len(det),
-           "headless_candidates": len(headless),
+           "headless_candidates": len(headless), "untagged_s": round(untagged_s, 1),
+           "untagged_scale_estimate": getattr(untagged, "scale_estimate", None),
            "nuclei_at_defaults": len(det.refilter(cfg.default_score_threshold, cfg.default_nms_iou).ids),
            "refilter_ms": round(latency(det), 1)}
     if len(det) >= 2000:

@@ -37,6 +37,11 @@ class ImageData:
         return self.pixel_size.mpp
 
 
+def is_tissue(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of an H×W×3 uint8 image that are not glass: the one glass rule of numpy code."""
+    return rgb.min(axis=-1) < BACKGROUND_LEVEL
+
+
 def bach_class_from_path(path: str | Path) -> str | None:
     """BACH class from a file name like ``is012.tif`` or a ``Normal/``-style parent folder."""
     path = Path(path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .imageio import BACKGROUND_LEVEL
+from .imageio import is_tissue
 
 
 def report_numbers(rgb: np.ndarray, table: dict, mpp: float | None, tissue_probs: dict | None) -> dict:
@@ -18,7 +18,7 @@ def report_numbers(rgb: np.ndarray, table: dict, mpp: float | None, tissue_probs
     with an unknown µm/px (None) sizes are in px² and there are no densities."""
     n = len(table["index"])
     px_mm2 = (mpp / 1000.0) ** 2 if mpp else None
-    tissue_px = int((rgb.min(axis=-1) < BACKGROUND_LEVEL).sum())
+    tissue_px = int(is_tissue(rgb).sum())
     areas = np.asarray(table["area_um2"] if mpp else table["area_px"], float)
     out = {"nuclei": n, "mpp": mpp, "tissue_class": "not trained", "tissue_probs": tissue_probs,
            "area_unit": "µm²" if mpp else "px²"}

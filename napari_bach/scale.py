@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .imageio import BACKGROUND_LEVEL
+from .imageio import is_tissue
 
 WINDOW = 768  # image pixels per side sampled (the whole image when smaller): ~4 tiles
 MIN_NUCLEI = 25  # fewer nuclei in the window: no estimate, the model's own scale is used
@@ -27,7 +27,7 @@ def tissue_window(rgb: np.ndarray, size: int = WINDOW) -> tuple[slice, slice]:
     if h <= size and w <= size:
         return slice(0, h), slice(0, w)
     step = max(1, size // 4)
-    tissue = (rgb[::8, ::8].min(axis=-1) < BACKGROUND_LEVEL).astype(np.int64)
+    tissue = is_tissue(rgb[::8, ::8]).astype(np.int64)
     total = np.pad(tissue.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     best, where = -1, (0, 0)
     for y in list(range(0, max(1, h - size), step)) + [max(0, h - size)]:

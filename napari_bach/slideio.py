@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .imageio import BACKGROUND_LEVEL
+from .imageio import is_tissue
 from .pixelsize import PixelSize, resolve_mpp
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
@@ -115,5 +115,5 @@ def tissue_mask(slide: Slide, max_pixels: int = 4_000_000) -> tuple[np.ndarray, 
     from scipy import ndimage
 
     rgb, factor = overview(slide, max_pixels)
-    mask = rgb.min(axis=-1) < BACKGROUND_LEVEL
+    mask = is_tissue(rgb)
     return ndimage.binary_dilation(ndimage.binary_opening(mask, iterations=1), iterations=2), factor

@@ -75,6 +75,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.roi_sampling_ratio < 1:
             raise ValueError("roi_sampling_ratio must be at least 1")
+        if self.nucleus_diameter_um < 0:
+            raise ValueError("nucleus_diameter_um is a size in µm (0: no scale estimate for unknown µm/px)")
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.norm not in ("group", "frozen_bn", "bn"):

@@ -149,6 +149,10 @@ def cmd_evaluate(args) -> int:
     from .datasets import load_bach, stratified_split
     from .evaluate import evaluate_main
 
+    refused = _refused_settings(args.model, args.config)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     train, val, _ = _load_nuclei(args)
     held = [s for group in val.values() for s in group]
     nuclei = train + held if args.all else held
@@ -185,11 +189,29 @@ def _setting(text: str) -> tuple[str, int | float]:
         raise argparse.ArgumentTypeError(f"{text!r}: {key} takes {kind.__name__} values") from None
 
 
+def _refused_settings(model_path: str, settings) -> str | None:
+    """Why ``--config`` settings cannot apply to this model (its config's own checks, e.g.
+    roi_sampling_ratio=0, an overlap over half the tile), before any work; None if they can."""
+    from dataclasses import replace
+
+    from napari_bach.checkpoint import read_config
+
+    try:
+        replace(read_config(model_path), **dict(settings or ()))
+    except ValueError as exc:
+        return f"--config: {exc}"
+    return None
+
+
 def cmd_ship(args) -> int:
     """Turn a run's checkpoint into the small file the plugin ships: fp16 weights, no
     optimizer state, and the metrics measured by ``evaluate`` recorded as provenance."""
     from napari_bach.checkpoint import load_checkpoint, save_checkpoint
 
+    refused = _refused_settings(args.model, args.config)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     model, info = load_checkpoint(args.model)
     if args.metrics:
         measured = json.loads(Path(args.metrics).read_text())

@@ -168,6 +168,9 @@ def test_ship_writes_a_small_fp16_model_with_measured_metrics(tmp_path):
     with pytest.raises(SystemExit) as refused:  # architecture: needs retraining, an argparse error
         main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(out), "--config", "fpn_channels=64"])
     assert refused.value.code == 2
+    for bad in ("roi_sampling_ratio=0", "nucleus_diameter_um=-1", "tile_overlap=300"):  # the config's own checks
+        assert main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "bad.pt"), "--config", bad]) == 2
+    assert not (tmp_path / "bad.pt").exists()
     assert info.metrics["validation"]["aji"] == 0.3 and info.nuclei_trained and not info.tissue_trained
     assert "1 steps in 0.5 h" in info.notes
 

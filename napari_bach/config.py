@@ -55,6 +55,9 @@ class ModelConfig:
     # Smaller "nuclei" are fragments: 3 µm² (a 2 µm disc) is the 1st percentile of the
     # 24,133 labelled MoNuSeg nuclei, cut-off ones at image borders included.
     default_min_area: float = 3.0
+    # A pixel belongs to a nucleus where its mask probability is above this (torchvision
+    # and the method: 0.5); chosen on validation with the thresholds above.
+    mask_threshold: float = 0.5
     # Working scale and tiling.
     mpp: float = 0.4
     # Median equivalent diameter (µm) of this model's nuclei on validation images at their
@@ -75,6 +78,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.roi_sampling_ratio < 1:
             raise ValueError("roi_sampling_ratio must be at least 1")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold is a probability between 0 and 1 (exclusive), got {self.mask_threshold:g}")
         if self.nucleus_diameter_um < 0:
             raise ValueError("nucleus_diameter_um is a size in µm (0: no scale estimate for unknown µm/px)")
         if self.backbone not in BACKBONES:
@@ -125,7 +130,7 @@ class ModelConfig:
 INFERENCE_SETTINGS: tuple[str, ...] = (
     "mpp", "nucleus_diameter_um", "tile_size", "tile_overlap", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_nms", "roi_sampling_ratio",
     "candidate_score", "candidate_nms", "max_candidates_per_tile",
-    "default_score_threshold", "default_nms_iou", "default_min_area")
+    "default_score_threshold", "default_nms_iou", "default_min_area", "mask_threshold")
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,8 @@ class Thresholds:
         return Thresholds(max(score, config.candidate_score), min(nms_iou, config.candidate_nms), min_area)
 
     def min_area_px(self, mpp: float | None, config: ModelConfig) -> float:
-        """The minimum area in the image's pixels; an image of unknown µm/px is segmented
-        as if at the model's own, so its pixels are taken to be that size."""
+        """The minimum area in pixels of ``mpp`` (``Detections.segmented_mpp``: the image's
+        own µm/px or the estimate it was segmented at); an image segmented as if at the
+        model's own µm/px has pixels of that size."""
         area = config.default_min_area if self.min_area is None else self.min_area
         return area / (mpp or config.mpp) ** 2

@@ -63,6 +63,12 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    @property
+    def segmented_mpp(self) -> float | None:
+        """The µm/px its nuclei were segmented at (the image's own, else the estimate):
+        what a minimum area in µm² is converted at."""
+        return self.pixel_size.mpp or self.scale_estimate
+
     def select(self, score_threshold: float, nms_iou: float) -> np.ndarray:
         """Indices of candidates kept by the threshold and NMS, best score first.
 

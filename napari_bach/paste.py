@@ -1,7 +1,7 @@
 """Box-local mask paste: each 28×28 mask is resized into its own box only.
 
 Same arithmetic as torchvision's ``paste_masks_in_image`` (1-pixel padding, expanded box,
-bilinear resize, > 0.5), but the result is a small crop per nucleus instead of one
+bilinear resize, > threshold), but the result is a small crop per nucleus instead of one
 full-size float mask per nucleus (~12 MB each on a BACH image).
 """
 from __future__ import annotations
@@ -10,12 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MASK_THRESHOLD = 0.5
 
-
-def mask_crops(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int]
-               ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Binary crops of N mask probabilities (N×M×M) for boxes (N×4, x0 y0 x1 y1).
+def mask_crops(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int],
+               threshold: float = 0.5) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Binary crops (probability > ``threshold``, ``ModelConfig.mask_threshold``) of N
+    mask probabilities (N×M×M) for boxes (N×4, x0 y0 x1 y1).
 
     Returns the (y0, x0) offset of each crop in the image and the crops themselves
     (clipped to the image; possibly empty).
@@ -41,7 +40,7 @@ def mask_crops(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int,
             crops.append(np.zeros((0, 0), bool))
             offsets[i] = (max(min(by0, im_h), 0), max(min(bx0, im_w), 0))
             continue
-        crop = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > MASK_THRESHOLD
+        crop = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > threshold
         crops.append(crop.numpy())
         offsets[i] = (y0, x0)
     return offsets, crops

@@ -285,7 +285,7 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
     for tile, out, tissue in outputs:
         boxes, own = geometry.to_image(out["boxes"], tile)
         boxes = boxes[own]
-        offsets, crops = mask_crops(out["masks"].float().cpu()[own], boxes, orig_shape)
+        offsets, crops = mask_crops(out["masks"].float().cpu()[own], boxes, orig_shape, cfg.mask_threshold)
         boxes = torch.minimum(boxes.clamp(min=0), limit)
         parts.append(Detections(orig_shape, boxes.numpy(), out["scores"].float().cpu()[own].numpy(), offsets, crops))
         tissue_logits.append(out["tissue_logits"].float().cpu())

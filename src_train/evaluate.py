@@ -36,7 +36,7 @@ def sweep_nuclei(model, samples: list[Sample], score_thresholds, nms_values, tta
     for s in samples:
         mpp = None if hide_mpp else s.mpp
         det = predict(s.image, model, mpp, tissue_trained=False, tta=tta)
-        min_area = Thresholds().min_area_px(mpp, model.config)
+        min_area = Thresholds().min_area_px(det.segmented_mpp, model.config)
         for t, n in out:
             labels = det.refilter(t, n, min_area=min_area).labels
             metrics = nucleus_metrics(s.labels, labels)

@@ -45,13 +45,14 @@ def test_small_image_is_one_tile():
     assert (t.y0, t.x0, t.y1, t.x1) == (0, 0, 50, 60) and t.owns(49.9, 59.9)
 
 
-def test_box_local_paste_equals_torchvision_reference(rng):
+@pytest.mark.parametrize("threshold", [0.5, 0.6])
+def test_box_local_paste_equals_torchvision_reference(rng, threshold):
     masks = torch.from_numpy(rng.random((6, 28, 28)).astype(np.float32))
     boxes = torch.tensor([[3.2, 4.7, 20.1, 17.9], [0.0, 0.0, 9.5, 30.0], [40.3, 5.0, 63.9, 12.2],
                           [-4.0, 50.0, 8.0, 70.0], [55.0, 60.0, 80.0, 90.0], [10.0, 10.0, 10.4, 10.6]])
     shape = (72, 64)
-    offsets, crops = mask_crops(masks, boxes, shape)
-    reference = paste_masks_in_image(masks[:, None], boxes, shape)[:, 0] > 0.5
+    offsets, crops = mask_crops(masks, boxes, shape, threshold)
+    reference = paste_masks_in_image(masks[:, None], boxes, shape)[:, 0] > threshold
     for i in range(len(masks)):
         full = np.zeros(shape, bool)
         y0, x0 = offsets[i]

@@ -1,6 +1,7 @@
 """Tiled prediction: stitching across tile borders, rescaling, progress, real model path."""
 
 import numpy as np
+import torch
 
 from conftest import OracleModel, image_with_squares, tiny_config
 from napari_bach.checkpoint import load_checkpoint
@@ -154,3 +155,22 @@ def test_headless_runs_compute_masks_only_for_kept_nuclei_and_equal_the_widget(t
         np.testing.assert_array_equal(a > 0, b > 0)
         assert len(np.unique(a)) == len(np.unique(b))
     assert model.roi_heads.score_thresh == model.config.candidate_score  # the shared model is left as it was
+
+
+class RampMaskModel(OracleModel):
+    """Each nucleus's mask probability rises from 0 at its box's left edge to 1 at its right."""
+
+    @staticmethod
+    def _one(image):
+        out = OracleModel._one(image)
+        out["masks"] = out["masks"] * torch.linspace(0, 1, 28)
+        return out
+
+
+def test_the_models_mask_threshold_sets_how_much_of_a_box_is_nucleus():
+    rgb = image_with_squares((120, 120), [(30, 30, 40)])
+    kept = {}
+    for t in (0.3, 0.7):
+        seg = predict(rgb, RampMaskModel(tiny_config(mask_threshold=t)), pixel_size=0.4).refilter(0.5, 0.5)
+        kept[t] = (seg.labels > 0).sum() / 40**2
+    assert abs(kept[0.3] - 0.7) < 0.08 and abs(kept[0.7] - 0.3) < 0.08, kept

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import OracleModel, image_with_squares, tiny_config
+from napari_bach.config import Thresholds
 from napari_bach.predict import predict
 from napari_bach.scale import MIN_NUCLEI, median_diameter, tissue_window
 
@@ -38,6 +39,12 @@ def test_unknown_mpp_is_estimated_from_the_nuclei_and_used_for_segmenting_only()
     for y, x, s in SQUARES:  # found where they are, at the image's own pixels
         inside = seg.labels[y:y + s, x:x + s]
         assert (inside > 0).mean() > 0.6, (y, x)
+    # a minimum area in µm² converts at the scale it was segmented at, not the model's
+    assert det.segmented_mpp == det.scale_estimate
+    area_um2 = 400 * det.scale_estimate**2  # a 20×20 px nucleus at the estimate: 64 µm²
+    for factor, kept in ((0.5, len(SQUARES)), (2.0, 0)):
+        limit = Thresholds(min_area=factor * area_um2).min_area_px(det.segmented_mpp, model.config)
+        assert len(det.refilter(0.5, 0.5, min_area=limit).ids) == kept
 
 
 def test_no_estimate_without_a_reference_size_few_nuclei_or_a_known_mpp():

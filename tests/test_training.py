@@ -156,7 +156,7 @@ def test_ship_writes_a_small_fp16_model_with_measured_metrics(tmp_path):
     assert main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(out), "--metrics", str(tmp_path / "metrics.json"),
                  "--metrics-command", "python -m src_train evaluate ...", "--log", str(tmp_path / "log.csv"),
                  "--score-threshold", "0.4", "--config", "max_candidates_per_tile=300",
-                 "--config", "candidate_score=0.1"]) == 0
+                 "--config", "candidate_score=0.1", "--config", "mask_threshold=0.6"]) == 0
     payload = read_checkpoint(out)
     assert "train_state" not in payload
     assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
@@ -165,10 +165,11 @@ def test_ship_writes_a_small_fp16_model_with_measured_metrics(tmp_path):
     assert model.config.default_score_threshold == 0.4
     assert model.config.max_candidates_per_tile == model.roi_heads.detections_per_img == 300
     assert model.config.candidate_score == model.roi_heads.score_thresh == 0.1
+    assert model.config.mask_threshold == 0.6
     with pytest.raises(SystemExit) as refused:  # architecture: needs retraining, an argparse error
         main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(out), "--config", "fpn_channels=64"])
     assert refused.value.code == 2
-    for bad in ("roi_sampling_ratio=0", "nucleus_diameter_um=-1", "tile_overlap=300"):  # the config's own checks
+    for bad in ("roi_sampling_ratio=0", "nucleus_diameter_um=-1", "tile_overlap=300", "mask_threshold=1"):  # the config's own checks
         assert main(["ship", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "bad.pt"), "--config", bad]) == 2
     assert not (tmp_path / "bad.pt").exists()
     assert info.metrics["validation"]["aji"] == 0.3 and info.nuclei_trained and not info.tissue_trained

@@ -137,8 +137,8 @@ class SegmentWidget(Container):
             with self._score.changed.blocked(), self._nms.changed.blocked(), self._min_area.changed.blocked():
                 self._score.value = limits.score  # one refilter, not three
                 self._nms.value = min(limits.nms_iou, self._nms.max)
-                known = self.result is None or self.result.det.pixel_size.known
-                self._min_area.value = limits.min_area if known else round(limits.min_area / cfg.mpp**2, 1)
+                px_mpp = None if self.result is None else self._px_mpp(self.result)
+                self._min_area.value = limits.min_area if px_mpp is None else round(limits.min_area / px_mpp**2, 1)
             self.refilter()
 
     def _on_image_changed(self, layer) -> None:
@@ -200,11 +200,12 @@ class SegmentWidget(Container):
             layer.metadata = {**(layer.metadata or {}), **ps.metadata()}
             placement = {"scale": tuple(layer.scale[-2:]), "units": tuple(layer.units[-2:])}
             self._viewer.reset_view()  # the image changed size on screen: keep it in view
-        was_known = self.result is None or self.result.det.pixel_size.known
+        previous = self.result
+        was_known = previous is None or previous.det.pixel_size.known
         self.result = Result(det, info, hema, model_mpp, source, placement, known, edits)
         if ps.known != was_known:  # the minimum area changes units with the result's µm/px
             with self._min_area.changed.blocked():
-                factor = model_mpp**2 if ps.known else 1 / model_mpp**2
+                factor = self._px_mpp(previous)**2 if ps.known else 1 / self._px_mpp(self.result)**2
                 self._min_area.value = round(float(self._min_area.value) * factor, 1)
         self._area_row.label = AREA_UM2 if ps.known else AREA_PX
         self._tissue.value = tissue_text(det.tissue_probs, det.classes, known)
@@ -252,6 +253,14 @@ class SegmentWidget(Container):
         self._measure_timer.start()
         if self.task.worker is None:
             self._status.value = self._count_text()
+
+    @staticmethod
+    def _px_mpp(result: "Result") -> float | None:
+        """The µm/px a result of unknown µm/px was segmented at (its scale estimate, else
+        the model's): what its minimum area in pixels converts at; None when known."""
+        if result.det.pixel_size.known:
+            return None
+        return result.det.segmented_mpp or result.model_mpp
 
     def _min_area_px(self) -> float:
         value = float(self._min_area.value)

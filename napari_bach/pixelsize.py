@@ -15,6 +15,7 @@ BACH_MPP = 0.42  # the BACH challenge's stated scan resolution
 MPP_RANGE = (0.01, 100.0)  # plausible µm/px; outside is a typo or a screen dpi
 
 EXPLICIT, FILE_TAGS, BACH_NAME, FALLBACK, UNKNOWN = "given", "file tags", "BACH file name", "given for untagged files", "unknown"
+ESTIMATED = "estimated from nucleus size"  # a working scale only (napari_bach.scale), never an image's own
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from .detections import Detections
 from .imageio import BACKGROUND_LEVEL
 from .model import BachMaskRCNN, for_inference
 from .paste import mask_crops
-from .pixelsize import PixelSize
+from .pixelsize import ESTIMATED, PixelSize
 from .stain import Stain, estimate_stain, normalise_stain
 from .tiling import Region, Tile, centre_in, tile_grid
 
@@ -252,7 +252,7 @@ def flip_tta(model: BachMaskRCNN, score_floor: float | None = None
 
 def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | float | None = None,
                  tissue_trained: bool = True, batch_size: int | None = None, tta: bool = False,
-                 score_floor: float | None = None, stain: Stain | None = None, estimate_scale: bool = True
+                 score_floor: float | None = None, stain: Stain | None = None, estimate_scale: bool | float = True
                  ) -> Generator[Progress, None, Detections]:
     """Segment a whole RGB image tile by tile; yields progress, returns all candidates.
     ``tta``: flip test-time augmentation (4 network passes per tile, see :func:`flip_tta`).
@@ -262,17 +262,21 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
     when known (a slide's), for models with stain normalisation (:func:`run_tiled`).
     ``estimate_scale``: an image of unknown µm/px is segmented at the scale its nuclei
     say (:mod:`napari_bach.scale`; ``Detections.scale_estimate``), for models that know
-    their nuclei's size; otherwise, or when that fails, as if at the model's own µm/px."""
+    their nuclei's size; otherwise, or when that fails, as if at the model's own µm/px. A
+    number is an estimate made elsewhere (a slide's, once for all its blocks)."""
     model = for_inference(model)
     cfg = model.config
     pixel_size = as_pixel_size(pixel_size)
     working = pixel_size  # the µm/px the tiles are cut at; an estimate never becomes the image's own
     estimate = None
-    if estimate_scale and not pixel_size.known and cfg.nucleus_diameter_um > 0:
+    if not pixel_size.known and not isinstance(estimate_scale, bool):
+        estimate = float(estimate_scale)
+    elif estimate_scale and not pixel_size.known and cfg.nucleus_diameter_um > 0:
         from .scale import iter_estimate_mpp
 
         estimate = yield from iter_estimate_mpp(rgb, model)
-        working = PixelSize(estimate, "estimated from nucleus size") if estimate else pixel_size
+    if estimate:
+        working = PixelSize(estimate, ESTIMATED)
     if tta:
         step = flip_tta(model, score_floor)
     else:  # masks only for what each tile owns

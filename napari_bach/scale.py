@@ -75,3 +75,16 @@ def unknown_scale_note(scale_estimate: float | None, model_mpp: float) -> str:
     if scale_estimate:
         return f"µm/px unknown: segmented at {scale_estimate:.3g} µm/px, estimated from the size of its nuclei"
     return f"µm/px unknown: ran as if at the model's {model_mpp:g} µm/px"
+
+
+def iter_estimate_slide_mpp(slide, model):
+    """:func:`iter_estimate_mpp` for a slide of unknown µm/px: on the level-0 window under
+    the most tissue-rich part of its overview, so one estimate serves all its blocks."""
+    from .slideio import overview
+
+    rgb, factor = overview(slide)
+    ys, xs = tissue_window(rgb, max(8, int(round(WINDOW / factor))))
+    h, w = slide.shape
+    y0 = min(int(ys.start * factor), max(0, h - WINDOW))
+    x0 = min(int(xs.start * factor), max(0, w - WINDOW))
+    return (yield from iter_estimate_mpp(slide.read(y0, x0, min(h, y0 + WINDOW), min(w, x0 + WINDOW)), model))

@@ -27,15 +27,16 @@ from .config import Thresholds
 from .detections import Segmentation
 from .geojson import geojson_features, polygons
 from .measure import COLUMNS, hematoxylin, measure_nuclei
-from .pixelsize import PixelSize
+from .pixelsize import ESTIMATED, PixelSize
 from .predict import Progress, iter_predict, plan_tiles, relayed
+from .scale import MPP_LIMITS, iter_estimate_slide_mpp, unknown_scale_note
 from .slideio import Slide, open_slide, overview, tissue_mask
 from .stain import estimate_stain
 from .tiling import Tile, centre_in, tile_grid
 
 CHUNK = 1024  # labels zarr chunk side
 FORMAT = "napari-bach-slide"
-VERSION = 3  # 2: balanced blocks; 3: the block halo is the tile margin (other blocks again)
+VERSION = 4  # 2: balanced blocks; 3: the block halo is the tile margin; 4: unknown µm/px: scale estimate
 
 
 @dataclass
@@ -50,6 +51,7 @@ class SlideResult:
     region: tuple[int, int, int, int]  # y0 x0 y1 x1 in level-0 pixels
     resumed: int = 0  # blocks found finished from an earlier run
     finished_before: bool = False  # the whole run was found finished: nothing was redone or rewritten
+    scale_estimate: float | None = None  # µm/px it was segmented at when its own is unknown (napari_bach.scale)
 
 
 def outputs(out_dir: str | Path, stem: str) -> dict[str, Path]:
@@ -79,8 +81,9 @@ def slide_stem(path: str | Path) -> str:
 def block_halo(mpp: float | None, config) -> int:
     """Context around each block, in the slide's pixels: a tile's own margin (half the tile
     overlap), so a block border is one more tile border, and a nucleus the block owns is
-    seen as whole as one a tile owns."""
-    return int(np.ceil(config.tile_overlap / 2 * config.mpp / (mpp or config.mpp)))
+    seen as whole as one a tile owns. A slide of unknown µm/px gets the margin at the
+    finest scale its estimate may give (``scale.MPP_LIMITS``): blocks are laid out first."""
+    return int(np.ceil(config.tile_overlap / 2 * config.mpp / (mpp or MPP_LIMITS[0])))
 
 
 def run_settings(slide: Slide, config, region: tuple[int, int, int, int] | None, thresholds: Thresholds,
@@ -149,15 +152,22 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
     settings = run_settings(slide, model.config, region, thresholds, block_size, model_name)
     y0, x0, y1, x1 = settings["region"]
     limits = thresholds.resolve(model.config)
-    min_area_px = limits.min_area_px(slide.pixel_size.mpp, model.config)
     blocks = tile_grid(y1 - y0, x1 - x0, block_size, 2 * settings["halo"], balanced=True)
     state = existing_run(out_dir, stem, settings)
     if state is not None and state.get("finished"):
         yield Progress(len(blocks), len(blocks), "already finished: nothing to do")
         return SlideResult(files["labels"], files["csv"], files["geojson"], state["nuclei"], len(blocks),
-                           state.get("skipped", 0), slide.pixel_size, (y0, x0, y1, x1), len(state["done"]), True)
+                           state.get("skipped", 0), slide.pixel_size, (y0, x0, y1, x1), len(state["done"]), True,
+                           state.get("scale_estimate"))
     state = state or {"settings": settings, "done": [], "next_id": 1, "nuclei": 0, "finished": False,
                       "mpp_source": slide.pixel_size.source}
+    if "scale_estimate" not in state:  # once per slide: a resumed run keeps its first estimate
+        state["scale_estimate"] = None
+        if not slide.pixel_size.known and model.config.nucleus_diameter_um > 0:
+            state["scale_estimate"] = yield from iter_estimate_slide_mpp(slide, model)
+    estimate = state["scale_estimate"]
+    segmented = PixelSize(estimate, ESTIMATED) if estimate else slide.pixel_size
+    min_area_px = limits.min_area_px(segmented.mpp, model.config)
     out_dir.mkdir(parents=True, exist_ok=True)
     files["parts"].mkdir(exist_ok=True)
     labels = zarr.open_array(str(files["labels"]), mode="a", shape=(y1 - y0, x1 - x0), dtype="int32",
@@ -183,12 +193,13 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
     state["skipped"] = skipped  # blocks without tissue are never "done": counted afresh each run
     resumed = len(done)
     # progress counts tiles of the blocks still to do, so the bar moves every few seconds
-    tiles = [len(plan_tiles((b.y1 - b.y0, b.x1 - b.x0), model.config, slide.pixel_size).tiles)
+    tiles = [len(plan_tiles((b.y1 - b.y0, b.x1 - b.x0), model.config, segmented).tiles)
              for b in (blocks[k] for k in work)]
     total = max(1, sum(tiles))
     clock = _Clock(total)
     yield Progress(0, total, f"{len(blocks)} blocks, {len(work)} with tissue to do ({total} tiles)"
-                   + (f", {resumed} done before" if resumed else ""))
+                   + (f", {resumed} done before" if resumed else "")
+                   + ("" if slide.pixel_size.known else f"; {unknown_scale_note(estimate, model.config.mpp)}"))
 
     def read(k: int) -> np.ndarray:
         b = blocks[k]
@@ -202,7 +213,7 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
             b = blocks[k]
             det = yield from _within_block(iter_predict(rgb, model, slide.pixel_size, tissue_trained,
                                                         score_floor=limits.score, stain=stain,
-                                                        estimate_scale=False),  # one scale for all blocks
+                                                        estimate_scale=estimate or False),  # one for all blocks
                                            sum(tiles[:n]), clock, f"block {n + 1}/{len(work)}")
             seg = det.refilter(limits.score, limits.nms_iou, min_area=min_area_px)
             kept = _owned(seg, b)
@@ -225,7 +236,7 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
     state["finished"] = True
     _write_json(files["progress"], state)
     return SlideResult(files["labels"], files["csv"], files["geojson"], state["nuclei"], len(blocks), skipped,
-                       slide.pixel_size, (y0, x0, y1, x1), resumed)
+                       slide.pixel_size, (y0, x0, y1, x1), resumed, scale_estimate=estimate)
 
 
 class _Clock:
@@ -340,6 +351,8 @@ def segment_slide_file(path: str | Path, out_dir: str | Path, model_path: str | 
         note = "already finished: skipped"
     elif result.resumed:
         note += f", {result.resumed} resumed"
+    if not result.pixel_size.known:
+        note += f"; {unknown_scale_note(result.scale_estimate, model.config.mpp)}"
     return {"image": str(path), "nuclei": result.nuclei, "mpp": result.pixel_size.mpp or "",
             "mpp_source": result.pixel_size.source, "tissue_class": "not computed for slides", "note": note}
 

@@ -111,6 +111,37 @@ def test_whole_slide_in_blocks_keeps_each_nucleus_once_and_writes_qupath_geojson
     assert len(rows) == many.nuclei and {r["index"] for r in rows} == {str(i) for i in range(1, many.nuclei + 1)}
 
 
+def test_a_slide_of_unknown_mpp_is_segmented_at_one_scale_estimated_from_its_nuclei(tmp_path):
+    """As an untagged image is (test_scale): nuclei of 9 µm drawn 21 px wide say 0.40 µm/px;
+    the model works at 0.6. One estimate for all blocks, kept when the run is found again."""
+    squares = [(y, x, 21) for y in range(30, 560, 60) for x in range(40, 760, 60)]
+    rgb = image_with_squares((600, 800), squares)
+    path = tmp_path / "untagged.tif"
+    with tifffile.TiffWriter(path) as tif:  # a pyramid without resolution tags
+        opts = dict(tile=(128, 128), photometric="rgb", compression="zlib")
+        tif.write(rgb, subifds=1, **opts)
+        tif.write(rgb[::2, ::2], subfiletype=1, **opts)
+    slide = open_slide(path)
+    assert not slide.pixel_size.known
+    model = OracleModel(tiny_config(tile_size=128, tile_overlap=32, mpp=0.6, nucleus_diameter_um=9.0))
+    messages = []
+    gen = iter_segment_slide(slide, model, tmp_path / "out", block_size=400)
+    try:
+        while True:
+            messages.append(next(gen).message)
+    except StopIteration as stop:
+        result = stop.value
+    assert result.scale_estimate == pytest.approx(9.0 / np.sqrt(4 * 400 / np.pi), rel=0.03)
+    assert any("estimated from the size of its nuclei" in m for m in messages) and result.blocks > 1
+    labels = zarr.open_array(str(result.labels), mode="r")[:]
+    assert result.nuclei == len(squares)
+    for y, x, s in squares:  # at the slide's own pixels
+        inside = labels[y:y + s, x:x + s]
+        assert (inside > 0).mean() > 0.6, (y, x)
+    again = drain(iter_segment_slide(open_slide(path), model, tmp_path / "out", block_size=400))
+    assert again.finished_before and again.scale_estimate == result.scale_estimate
+
+
 def test_cancel_then_resume_gives_the_uninterrupted_result(tmp_path, squares_slide):
     path, _ = squares_slide
     full = drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "full", block_size=260))

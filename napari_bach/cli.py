@@ -217,7 +217,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
             log(f"[{n}/{len(jobs)}] {job.path.name}: {unknown_scale_note(det.scale_estimate, cfg.mpp)}; "
                 "sizes in pixels only (give --mpp)")
         seg = det.refilter(limits.score, limits.nms_iou, min_area=limits.min_area_px(det.segmented_mpp, cfg)).consecutive()
-        table = measure_nuclei(seg, hematoxylin(data.rgb))
+        table = measure_nuclei(seg, hematoxylin(data.rgb, seg.labels > 0))
         job.output(out, "").parent.mkdir(parents=True, exist_ok=True)
         write_labels_tiff(job.output(out, "_labels.tif"), seg.labels, pixel_size.mpp)
         write_nuclei_csv(job.output(out, "_nuclei.csv"), table)

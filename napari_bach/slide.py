@@ -284,7 +284,7 @@ def _paste_into(labels, block_labels: np.ndarray, b: Tile) -> None:
 def _write_part(parts: Path, k: int, seg: Segmentation, rgb: np.ndarray, offset: tuple[int, int],
                 model_name: str) -> None:
     """One block's CSV rows and GeoJSON features, in level-0 coordinates."""
-    table = measure_nuclei(seg, hematoxylin(rgb)) if len(seg.ids) else {c: np.zeros(0) for c in COLUMNS}
+    table = measure_nuclei(seg, hematoxylin(rgb, seg.labels > 0)) if len(seg.ids) else {c: np.zeros(0) for c in COLUMNS}
     table["centroid_y"] = table["centroid_y"] + offset[0]
     table["centroid_x"] = table["centroid_x"] + offset[1]
     for c, o in (("box_x0", 1), ("box_x1", 1), ("box_y0", 0), ("box_y1", 0)):

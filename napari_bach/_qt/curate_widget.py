@@ -110,7 +110,7 @@ class CurateWidget(Container):
         features = nuclei.features
         scores = dict(zip(features["index"], features["score"])) if "score" in features else {}
         seg = segmentation_from_labels(np.asarray(nuclei.data), scores, self.pixel_size())
-        table = measure_nuclei(seg, hematoxylin(layer_rgb(image)))
+        table = measure_nuclei(seg, hematoxylin(layer_rgb(image), seg.labels > 0))
         source = (nuclei.metadata.get(ROLE_KEY) or {}).get("source", image.name)
         placement = {"scale": tuple(nuclei.scale[-2:]), "units": tuple(nuclei.units[-2:])}
         labels_t, boxes_t = result_layers(seg, source, placement, table, nuclei.metadata)

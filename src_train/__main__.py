@@ -72,6 +72,7 @@ def _configs(args):
     cfg.augment.scale = args.scale_jitter
     cfg.augment.stain_sigma = args.stain_sigma
     cfg.augment.jpeg_p = args.jpeg_p
+    cfg.augment.scanner_cast = args.scanner_cast
     cfg.augment.mosaic = args.mosaic
     return model_cfg, cfg
 
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument("--scale-jitter", type=_pair, default=aug.scale, help=f"random zoom range LO,HI (default {aug.scale})")
         t.add_argument("--stain-sigma", type=float, default=aug.stain_sigma, help="H&E stain jitter strength")
         t.add_argument("--jpeg-p", type=float, default=aug.jpeg_p, help="share of crops JPEG re-compressed")
+        t.add_argument("--scanner-cast", type=float, default=aug.scanner_cast,
+                       help="scale each RGB channel's optical density by 1 ± this (another scanner's colour); 0: off")
         t.add_argument("--mosaic", action="store_true",
                        help="images under 3/4 of the crop (CoNSeP patches) fill 2×2 mosaics instead of crops "
                             "that are mostly glass")

@@ -38,6 +38,10 @@ class AugmentConfig:
     hue: float = 0.04
     saturation: float = 0.2
     stain_sigma: float = 0.1  # multiplicative jitter per H, E, D channel; additive in OD units
+    # Another scanner's filters and lamp: each RGB channel's optical density scaled by a
+    # factor in 1 ± scanner_cast (0: off). Stain jitter varies the dyes; this varies the
+    # camera: colour_cast((1.35, 1, 0.7)) (purple), a robustness check, lies just outside 0.3.
+    scanner_cast: float = 0.0
     blur_p: float = 0.1
     sharpen_p: float = 0.1
     jpeg_p: float = 0.3  # re-compressed at quality 40–95, as slide exports and CoNSeP are
@@ -97,11 +101,14 @@ def stain_matrix(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor,
 def jitter_colour(image: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
     """Stain, hue/saturation, brightness/contrast jitter and blur of a 3×H×W image in [0, 1]."""
     x = image
-    if cfg.stain_sigma > 0:
-        m, b = stain_matrix(_uniform(gen, 1 - cfg.stain_sigma, 1 + cfg.stain_sigma, 3),
-                            _uniform(gen, -cfg.stain_sigma, cfg.stain_sigma, 3))
+    if cfg.stain_sigma > 0 or cfg.scanner_cast > 0:
         od = -torch.log(x.clamp(min=OD_FLOOR))
-        od = torch.einsum("chw,cd->dhw", od, m.to(x.device)) + b.to(x.device)[:, None, None]
+        if cfg.scanner_cast > 0:  # the camera's colour first (as colour_cast), then the dyes'
+            od = od * _uniform(gen, 1 - cfg.scanner_cast, 1 + cfg.scanner_cast, 3).to(x.device)[:, None, None]
+        if cfg.stain_sigma > 0:
+            m, b = stain_matrix(_uniform(gen, 1 - cfg.stain_sigma, 1 + cfg.stain_sigma, 3),
+                                _uniform(gen, -cfg.stain_sigma, cfg.stain_sigma, 3))
+            od = torch.einsum("chw,cd->dhw", od, m.to(x.device)) + b.to(x.device)[:, None, None]
         x = torch.exp(-od.clamp(min=0)).clamp_(0, 1)
     if cfg.hue > 0:
         x = TF.adjust_hue(x, float(_uniform(gen, -cfg.hue, cfg.hue)))

@@ -410,3 +410,21 @@ def test_tissue_head_learns_bach_like_classes_in_cross_validation(tmp_path, caps
     assert result["pooled"]["macro"]["roc_auc"] > 0.8 and np.array(result["pooled"]["confusion"]).sum() == 16
     assert main(["cv", "--bach", str(tmp_path / "bach"), "--out", str(tmp_path / "x")]) == 2  # no --folds
     assert "cv needs --bach and --folds" in capsys.readouterr().err
+
+
+def test_scanner_cast_scales_each_channel_optical_density_and_is_off_by_default():
+    from src_train.augment import OD_FLOOR, jitter_colour, to_tensor
+
+    rgb, _ = synthetic_he((48, 48), mpp=0.4, seed=2)
+    x = to_tensor(rgb)
+    plain = AugmentConfig(stain_sigma=0.0, hue=0.0, saturation=0.0, contrast=0.0, brightness=0.0, blur_p=0.0,
+                          sharpen_p=0.0, jpeg_p=0.0)
+    torch.testing.assert_close(jitter_colour(x, torch.Generator().manual_seed(0), plain), x)  # off: untouched
+    cast = AugmentConfig(**{**plain.__dict__, "scanner_cast": 0.3})
+    y = jitter_colour(x, torch.Generator().manual_seed(0), cast)
+    od_x, od_y = (-torch.log(t.clamp(min=OD_FLOOR)) for t in (x, y))
+    dark = od_x > 0.2  # well above rounding
+    ratios = [(od_y[c][dark[c]] / od_x[c][dark[c]]) for c in range(3)]
+    for r in ratios:  # one factor per channel, within 1 ± 0.3
+        assert 0.7 - 1e-4 <= r.mean() <= 1.3 + 1e-4 and r.std() < 1e-3
+    assert max(r.mean() for r in ratios) - min(r.mean() for r in ratios) > 0.01  # the channels differ

@@ -77,7 +77,7 @@ def geojson_features(rings: list, table: dict, ids, model_name: str) -> list[dic
 def write_geojson(path: str | Path, seg: Segmentation, table: dict, model_name: str = "") -> Path:
     """A FeatureCollection of the nuclei of one image (``seg`` numbered as ``table``)."""
     path = Path(path)
-    rings = polygons(seg.labels, seg.ids, (0, 0)) if len(seg.ids) else []
+    rings = polygons(seg.labels, seg.ids, (0, 0))
     features = geojson_features(rings, table, seg.ids, model_name)
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path

@@ -19,16 +19,12 @@ def hematoxylin(rgb: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
     With ``where`` (a mask, e.g. ``labels > 0``) only those pixels are computed, zero
     elsewhere: a table of fixed nuclei needs no more, and glass and stroma are most of a slide."""
     out = np.zeros(rgb.shape[:2], np.float32)
-    if where is None:
-        for y in range(0, rgb.shape[0], BAND_ROWS):
-            out[y : y + BAND_ROWS] = rgb2hed(rgb[y : y + BAND_ROWS])[..., 0]
-        return out
-    pixels, flat = np.flatnonzero(where), out.reshape(-1)
-    colours = rgb.reshape(-1, rgb.shape[-1])
-    step = BAND_ROWS * rgb.shape[1]
-    for k in range(0, pixels.size, step):
-        sel = pixels[k : k + step]
-        flat[sel] = rgb2hed(colours[sel][:, None, :3])[:, 0, 0]
+    for y in range(0, rgb.shape[0], BAND_ROWS):
+        band = rgb[y : y + BAND_ROWS]
+        if where is None:
+            out[y : y + BAND_ROWS] = rgb2hed(band)[..., 0]
+        elif (inside := where[y : y + BAND_ROWS]).any():
+            out[y : y + BAND_ROWS][inside] = rgb2hed(band[inside][:, None])[:, 0, 0]
     return out
 
 

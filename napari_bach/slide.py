@@ -26,7 +26,7 @@ import numpy as np
 from .config import Thresholds
 from .detections import Segmentation
 from .geojson import geojson_features, polygons
-from .measure import COLUMNS, hematoxylin, measure_nuclei
+from .measure import hematoxylin, measure_nuclei
 from .pixelsize import ESTIMATED, PixelSize
 from .predict import Progress, iter_predict, plan_tiles, relayed
 from .scale import MPP_LIMITS, iter_estimate_slide_mpp, unknown_scale_note
@@ -284,7 +284,7 @@ def _paste_into(labels, block_labels: np.ndarray, b: Tile) -> None:
 def _write_part(parts: Path, k: int, seg: Segmentation, rgb: np.ndarray, offset: tuple[int, int],
                 model_name: str) -> None:
     """One block's CSV rows and GeoJSON features, in level-0 coordinates."""
-    table = measure_nuclei(seg, hematoxylin(rgb, seg.labels > 0)) if len(seg.ids) else {c: np.zeros(0) for c in COLUMNS}
+    table = measure_nuclei(seg, hematoxylin(rgb, seg.labels > 0))
     table["centroid_y"] = table["centroid_y"] + offset[0]
     table["centroid_x"] = table["centroid_x"] + offset[1]
     for c, o in (("box_x0", 1), ("box_x1", 1), ("box_y0", 0), ("box_y1", 0)):
@@ -292,7 +292,7 @@ def _write_part(parts: Path, k: int, seg: Segmentation, rgb: np.ndarray, offset:
     from .report import write_nuclei_csv
 
     write_nuclei_csv(parts / f"{k}.csv", table)
-    rings = polygons(seg.labels, seg.ids, offset) if len(seg.ids) else []
+    rings = polygons(seg.labels, seg.ids, offset)
     with open(parts / f"{k}.geojsonl", "w") as fh:
         for feature in geojson_features(rings, table, seg.ids, model_name):
             fh.write(json.dumps(feature) + "\n")

@@ -288,6 +288,20 @@ def _positive_float(text: str) -> float:
     return _positive_floats(text, "F", "0.5")[0]
 
 
+def _in_range(top: float, top_included: bool):
+    """argparse type: a number from 0 (off) up to ``top`` (augmentation strengths and shares)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not (0 <= value <= top if top_included else 0 <= value < top):
+            raise argparse.ArgumentTypeError(f"expected a number from 0 to {'' if top_included else 'below '}{top:g}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
 def cmd_finetune(args) -> int:
     """Fine-tune on exported corrections; prints the before/after table on held-out images."""
     from napari_bach.checkpoint import CheckpointError
@@ -347,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument("--val-every-steps", type=int, default=0, help="validate every N steps (default: --val-every)")
         aug = AugmentConfig()
         t.add_argument("--scale-jitter", type=_pair, default=aug.scale, help=f"random zoom range LO,HI (default {aug.scale})")
-        t.add_argument("--stain-sigma", type=float, default=aug.stain_sigma, help="H&E stain jitter strength")
-        t.add_argument("--jpeg-p", type=float, default=aug.jpeg_p, help="share of crops JPEG re-compressed")
-        t.add_argument("--scanner-cast", type=float, default=aug.scanner_cast,
+        t.add_argument("--stain-sigma", type=_in_range(1, False), default=aug.stain_sigma, help="H&E stain jitter strength")
+        t.add_argument("--jpeg-p", type=_in_range(1, True), default=aug.jpeg_p, help="share of crops JPEG re-compressed")
+        t.add_argument("--scanner-cast", type=_in_range(1, False), default=aug.scanner_cast,
                        help="scale each RGB channel's optical density by 1 ± this (another scanner's colour); 0: off")
         t.add_argument("--mosaic", action="store_true",
                        help="images under 3/4 of the crop (CoNSeP patches) fill 2×2 mosaics instead of crops "

@@ -428,3 +428,14 @@ def test_scanner_cast_scales_each_channel_optical_density_and_is_off_by_default(
     for r in ratios:  # one factor per channel, within 1 ± 0.3
         assert 0.7 - 1e-4 <= r.mean() <= 1.3 + 1e-4 and r.std() < 1e-3
     assert max(r.mean() for r in ratios) - min(r.mean() for r in ratios) > 0.01  # the channels differ
+
+
+@pytest.mark.parametrize("option", [["--jpeg-p", "3"], ["--stain-sigma", "-1"], ["--scanner-cast", "1"],
+                                    ["--scanner-cast", "purple"]])
+def test_impossible_augmentation_strengths_are_refused_before_anything_runs(tmp_path, capsys, option):
+    from src_train.__main__ import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "--data", f"x:{tmp_path}", "--out", str(tmp_path / "run"), *option])
+    assert refused.value.code == 2 and option[0] in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

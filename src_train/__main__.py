@@ -288,17 +288,13 @@ def _positive_float(text: str) -> float:
     return _positive_floats(text, "F", "0.5")[0]
 
 
-def _in_range(top: float, top_included: bool):
-    """argparse type: a number from 0 (off) up to ``top`` (augmentation strengths and shares)."""
+def _augment(name: str):
+    """argparse type for an ``AugmentConfig`` field: the config's own check, as argparse's message."""
     def parse(text: str) -> float:
         try:
-            value = float(text)
-        except ValueError:
-            value = -1.0
-        if not (0 <= value <= top if top_included else 0 <= value < top):
-            raise argparse.ArgumentTypeError(f"expected a number from 0 to {'' if top_included else 'below '}{top:g}, "
-                                             f"got {text!r}")
-        return value
+            return getattr(AugmentConfig(**{name: float(text)}), name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return parse
 
 
@@ -361,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument("--val-every-steps", type=int, default=0, help="validate every N steps (default: --val-every)")
         aug = AugmentConfig()
         t.add_argument("--scale-jitter", type=_pair, default=aug.scale, help=f"random zoom range LO,HI (default {aug.scale})")
-        t.add_argument("--stain-sigma", type=_in_range(1, False), default=aug.stain_sigma, help="H&E stain jitter strength")
-        t.add_argument("--jpeg-p", type=_in_range(1, True), default=aug.jpeg_p, help="share of crops JPEG re-compressed")
-        t.add_argument("--scanner-cast", type=_in_range(1, False), default=aug.scanner_cast,
+        t.add_argument("--stain-sigma", type=_augment("stain_sigma"), default=aug.stain_sigma, help="H&E stain jitter strength")
+        t.add_argument("--jpeg-p", type=_augment("jpeg_p"), default=aug.jpeg_p, help="share of crops JPEG re-compressed")
+        t.add_argument("--scanner-cast", type=_augment("scanner_cast"), default=aug.scanner_cast,
                        help="scale each RGB channel's optical density by 1 ± this (another scanner's colour); 0: off")
         t.add_argument("--mosaic", action="store_true",
                        help="images under 3/4 of the crop (CoNSeP patches) fill 2×2 mosaics instead of crops "

@@ -51,6 +51,15 @@ class AugmentConfig:
     # are drawn a quarter as often, so each image still appears as often as its weight says.
     mosaic: bool = False
 
+    def __post_init__(self) -> None:
+        # strengths are fractions of the colour they vary (1 or more would invert or erase
+        # it); shares are probabilities
+        for name, top, top_included in (("stain_sigma", 1, False), ("scanner_cast", 1, False), ("blur_p", 1, True),
+                                        ("sharpen_p", 1, True), ("jpeg_p", 1, True)):
+            value = getattr(self, name)
+            if not (0 <= value <= top if top_included else 0 <= value < top):
+                raise ValueError(f"{name} must be from 0 to {'' if top_included else 'below '}{top}, got {value}")
+
 
 def _uniform(gen: torch.Generator, lo: float, hi: float, n: int = 1) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=gen)

@@ -439,3 +439,12 @@ def test_impossible_augmentation_strengths_are_refused_before_anything_runs(tmp_
         main(["train", "--data", f"x:{tmp_path}", "--out", str(tmp_path / "run"), *option])
     assert refused.value.code == 2 and option[0] in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_augment_config_refuses_impossible_strengths_whoever_builds_it():
+    from src_train.augment import AugmentConfig
+
+    for bad in ({"jpeg_p": 1.5}, {"stain_sigma": 1.0}, {"scanner_cast": -0.1}, {"blur_p": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AugmentConfig(**bad)
+    assert AugmentConfig(jpeg_p=1.0, scanner_cast=0.45).jpeg_p == 1.0

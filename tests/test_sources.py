@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from napari_bach.synthetic import synthetic_he
+from src_train.__main__ import main
 from src_train.sources import Source, load_sources, parse_data_arg, read_data_list
 
 
@@ -90,7 +91,7 @@ def test_weights_decide_how_often_an_image_is_drawn(data_list):
     np.testing.assert_allclose(counts / counts.sum(), weights / weights.sum(), atol=0.06)
 
 
-def test_data_arguments_and_their_errors(tmp_path, data_list):
+def test_data_arguments_and_their_errors(tmp_path, data_list, capsys):
     src = parse_data_arg(f"cpm:{tmp_path / 'cpm'}:0.5:3")[0]
     assert (src.name, src.mpp, src.weight) == ("cpm", 0.5, 3.0)
     assert parse_data_arg(f"cpm:{tmp_path / 'cpm'}")[0].mpp is None
@@ -108,10 +109,12 @@ def test_data_arguments_and_their_errors(tmp_path, data_list):
         read_data_list(tmp_path / "bad.toml")
     with pytest.raises(ValueError, match="names must differ"):
         load_sources([Source("a", tmp_path / "cpm", 0.5), Source("a", tmp_path / "con", 0.5)])
+    capsys.readouterr()
+    assert main(["train", "--data", f"x:{tmp_path / 'gone'}:0.5", "--out", str(tmp_path / "run")]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "run").exists()  # a message, nothing written
 
 
 def test_train_on_a_data_list_validates_per_group_then_warm_starts_on_a_time_budget(tmp_path, data_list, capsys):
-    from src_train.__main__ import main
 
     common = ["--data", str(data_list), "--crop", "64", "--no-progress", "--threads", "2"]
     assert main(["train", *common, "--out", str(tmp_path / "a"), "--max-steps", "2", "--val-every-steps", "2",

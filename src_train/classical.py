@@ -23,6 +23,7 @@ from skimage.segmentation import watershed
 from napari_bach.edit import remove_small
 
 from .datasets import Sample
+from .evaluate import group_mean
 from .metrics import nucleus_metrics, pooled_nucleus_metrics
 
 
@@ -40,9 +41,19 @@ GRID = {"smooth_um": (0.25, 0.5, 1.0), "min_distance_um": (2.0, 3.0, 4.0, 5.0)}
 
 def classical_nuclei(rgb: np.ndarray, mpp: float, params: ClassicalParams = ClassicalParams()) -> np.ndarray:
     """Int32 nucleus instance labels of an RGB H&E image at ``mpp`` µm/px."""
-    hema = gaussian(rgb2hed(rgb[..., :3])[..., 0], params.smooth_um / mpp)
+    return nuclei_from_hematoxylin(hematoxylin(rgb), mpp, params)
+
+
+def hematoxylin(rgb: np.ndarray) -> np.ndarray:
+    """Hematoxylin density by colour deconvolution: the part every parameter set shares."""
+    return rgb2hed(rgb[..., :3])[..., 0]
+
+
+def nuclei_from_hematoxylin(hema: np.ndarray, mpp: float, params: ClassicalParams) -> np.ndarray:
+    """Smooth, threshold (Otsu), fill pale centres, split touching nuclei (watershed)."""
+    hema = gaussian(hema, params.smooth_um / mpp)
     if np.ptp(hema) <= 0:  # a blank image: no threshold, no nuclei
-        return np.zeros(rgb.shape[:2], np.int32)
+        return np.zeros(hema.shape, np.int32)
     min_px = max(1, int(round(params.min_area_um2 / mpp**2)))
     holes, _ = ndi.label(hema <= threshold_otsu(hema))
     remove_small(holes, int(round(params.max_hole_um2 / mpp**2)))  # the background stays one big region
@@ -59,9 +70,11 @@ def classical_nuclei(rgb: np.ndarray, mpp: float, params: ClassicalParams = Clas
     return labels
 
 
-def score(samples: list[Sample], params: ClassicalParams) -> list[dict]:
-    """Per-image nucleus metrics of the baseline, as :func:`~.evaluate.sweep_nuclei` gives a model's."""
-    return [nucleus_metrics(s.labels, classical_nuclei(s.image, s.mpp, params)) for s in samples]
+def score(samples: list[Sample], params: ClassicalParams, hema: list[np.ndarray] | None = None) -> list[dict]:
+    """Per-image nucleus metrics of the baseline, as :func:`~.evaluate.sweep_nuclei` gives a
+    model's (``hema``: the images' hematoxylin, when already computed)."""
+    hema = hema or [hematoxylin(s.image) for s in samples]
+    return [nucleus_metrics(s.labels, nuclei_from_hematoxylin(h, s.mpp, params)) for s, h in zip(samples, hema)]
 
 
 def tune(samples: list[Sample], per_group: int = 4) -> tuple[ClassicalParams, list[dict]]:
@@ -75,20 +88,14 @@ def tune(samples: list[Sample], per_group: int = 4) -> tuple[ClassicalParams, li
         chosen += exact[::step][:per_group]
     if not chosen:
         raise ValueError("no exactly outlined training images to choose the baseline's parameters on")
+    hema = [hematoxylin(s.image) for s in chosen]
+    groups = [s.group for s in chosen]
     sweep = []
     for values in itertools.product(*GRID.values()):
         params = ClassicalParams(**dict(zip(GRID, values)))
-        per_image = score(chosen, params)
-        sweep.append({**asdict(params), **group_means(chosen, per_image), "images": len(chosen)})
+        sweep.append({**asdict(params), **group_mean(score(chosen, params, hema), groups), "images": len(chosen)})
     best = max(sweep, key=lambda r: r["pq"])
     return ClassicalParams(**{k: best[k] for k in asdict(ClassicalParams())}), sweep
-
-
-def group_means(samples: list[Sample], per_image: list[dict]) -> dict[str, float]:
-    """Metrics pooled per group, then averaged over groups (every source counts the same)."""
-    groups = sorted({s.group for s in samples})
-    pooled = [pooled_nucleus_metrics([m for m, s in zip(per_image, samples) if s.group == g]) for g in groups]
-    return {k: float(np.mean([p[k] for p in pooled])) for k in ("f1", "aji", "pq", "dice")}
 
 
 def evaluate_classical(held_out: list[Sample], params: ClassicalParams) -> dict:
@@ -97,10 +104,10 @@ def evaluate_classical(held_out: list[Sample], params: ClassicalParams) -> dict:
     result = {"model": "classical baseline (hematoxylin, Otsu, watershed)", "params": asdict(params),
               "nuclei": pooled_nucleus_metrics(per_image),
               "nuclei_per_image": [{"image": s.name, **m} for s, m in zip(held_out, per_image)]}
-    groups = sorted({s.group for s in held_out})
-    if len(groups) > 1:
-        result["groups"] = {g: {"images": sum(s.group == g for s in held_out),
-                                "nuclei": pooled_nucleus_metrics([m for m, s in zip(per_image, held_out)
-                                                                  if s.group == g])} for g in groups}
-        result["group_mean"] = group_means(held_out, per_image)
+    groups = [s.group for s in held_out]
+    if len(set(groups)) > 1:
+        result["groups"] = {g: {"images": groups.count(g),
+                                "nuclei": pooled_nucleus_metrics([m for m, h in zip(per_image, groups) if h == g])}
+                            for g in sorted(set(groups))}
+        result["group_mean"] = group_mean(per_image, groups)
     return result

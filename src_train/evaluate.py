@@ -52,7 +52,7 @@ def score_nuclei(model, samples: list[Sample], score_thresholds, nms_iou: float,
     return {t: v for (t, _), v in sweep_nuclei(model, samples, score_thresholds, [nms_iou], tta).items()}
 
 
-def _group_mean(per_image: list[dict], groups: list[str]) -> dict:
+def group_mean(per_image: list[dict], groups: list[str]) -> dict[str, float]:
     """Pooled metrics per group, then their mean: every unseen source counts the same."""
     names = sorted(set(groups))
     pooled = [pooled_nucleus_metrics([m for m, g in zip(per_image, groups) if g == name]) for name in names]
@@ -107,7 +107,7 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
                 for j, t in enumerate(SCORE_SWEEP)]
         # both thresholds at once: the model's default NMS IoU is chosen here too
         result["nms_sweep"] = [{"score_threshold": t, "nms_iou": n,
-                                **_group_mean(by_pair[t, n], [s.group for s in nuclei])}
+                                **group_mean(by_pair[t, n], [s.group for s in nuclei])}
                                for t in SCORE_SWEEP for n in NMS_SWEEP]
     if tissue:
         if not info.tissue_trained:

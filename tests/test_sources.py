@@ -115,7 +115,6 @@ def test_data_arguments_and_their_errors(tmp_path, data_list, capsys):
 
 
 def test_train_on_a_data_list_validates_per_group_then_warm_starts_on_a_time_budget(tmp_path, data_list, capsys):
-
     common = ["--data", str(data_list), "--crop", "64", "--no-progress", "--threads", "2"]
     assert main(["train", *common, "--out", str(tmp_path / "a"), "--max-steps", "2", "--val-every-steps", "2",
                  "--backbone", "mobilenet_v2", "--mpp", "0.5"]) == 0

@@ -59,9 +59,24 @@ def group_mean(per_image: list[dict], groups: list[str]) -> dict[str, float]:
     return {k: float(np.mean([p[k] for p in pooled])) for k in ("f1", "aji", "pq", "dice")}
 
 
+def stress_metrics(model, samples: list[Sample], score: float, nms: float) -> dict:
+    """Each stain-stress transform's group means (and per group) at one threshold pair, and
+    the mean over transforms: the colours of labs and scanners the data lacks."""
+    from .stress import STRESS, stress_summary, stressed
+
+    groups = [s.group for s in samples]
+    per_transform, per_group = {}, {}
+    for name in STRESS:
+        per_image = sweep_nuclei(model, stressed(samples, name), [score], [nms])[score, nms]
+        per_transform[name] = group_mean(per_image, groups)
+        per_group[name] = {g: pooled_nucleus_metrics([m for m, h in zip(per_image, groups) if h == g])
+                           for g in sorted(set(groups))}
+    return {"mean": stress_summary(per_transform), "transforms": per_transform, "groups": per_group}
+
+
 def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),
              score_threshold: float | None = None, nms_iou: float | None = None, tta: bool = False,
-             settings: dict | None = None, hide_mpp: bool = False) -> dict:
+             settings: dict | None = None, hide_mpp: bool = False, stress: bool = False) -> dict:
     """Metrics of one model; nucleus images are segmented whole, at their own µm/px
     (``tta``: with flip test-time augmentation; ``hide_mpp``: as if it were unknown).
     Images from several sources (``group``) are also reported per group, with the sweep
@@ -109,6 +124,9 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
         result["nms_sweep"] = [{"score_threshold": t, "nms_iou": n,
                                 **group_mean(by_pair[t, n], [s.group for s in nuclei])}
                                for t in SCORE_SWEEP for n in NMS_SWEEP]
+        result["group_mean"] = group_mean(by_threshold[score], [s.group for s in nuclei])
+        if stress:
+            result["stress"] = stress_metrics(model, nuclei, score, nms)
     if tissue:
         if not info.tissue_trained:
             result["tissue"] = "not trained: this checkpoint's tissue head never saw tissue labels"
@@ -177,7 +195,7 @@ def save_plots(result: dict, out: Path, log_csv: Path | None = None) -> list[Pat
 
 def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
     result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou, args.tta,
-                      dict(args.config or ()), getattr(args, "hide_mpp", False))
+                      dict(args.config or ()), getattr(args, "hide_mpp", False), getattr(args, "stress", False))
     if getattr(args, "zoom", None):
         result["zoom"] = args.zoom  # the images were resampled first
     if getattr(args, "colour_cast", None):
@@ -187,6 +205,8 @@ def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
         summary["best_score_and_nms_by_f1"] = max(result["nms_sweep"], key=lambda r: r["f1"])
     if "groups" in result:
         summary["groups"] = {g: v["nuclei"] for g, v in result["groups"].items()}
+    if "stress" in result:
+        summary["stress"] = {"mean": result["stress"]["mean"], **result["stress"]["transforms"]}
     if isinstance(summary.get("tissue"), dict):
         summary["tissue"] = {k: v for k, v in summary["tissue"].items() if k not in ("probs", "truth")}
     if args.out:

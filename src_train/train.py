@@ -16,7 +16,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +65,9 @@ class TrainConfig:
     ema: float = 0.0  # >0: keep an exponential moving average of the weights (e.g. 0.999) and ship it
     max_hours: float = 0.0  # >0: the schedule runs on training time and ends after this many hours
     val_every_steps: int = 0  # >0: validate every this many steps instead of every val_every epochs
+    # validate under src_train.stress's recolourings too; the best checkpoint is then the best
+    # mean of PQ as-is and PQ under stress (a model that holds on other stains)
+    stress: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -116,19 +119,25 @@ def lr_factor(step: int, total: int, warmup: int, progress: float | None = None)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def validate(model: BachMaskRCNN, groups: dict[str, list[Sample]]) -> dict:
+def validate(model: BachMaskRCNN, groups: dict[str, list[Sample]], stress: bool = False) -> dict:
     """Nucleus metrics of the model on whole validation images at its default thresholds,
-    per group (source) and their mean: every unseen source counts the same."""
-    from .evaluate import score_nuclei
+    per group (source) and their mean: every unseen source counts the same. ``stress``:
+    also the mean under each stain-stress recolouring (``stress``, ``stress_pq``)."""
+    from .evaluate import score_nuclei, stress_metrics
 
     score = model.config.default_score_threshold
     out: dict = {}
     for name, samples in groups.items():
         per_image = score_nuclei(model, samples, [score], model.config.default_nms_iou)[score]
         out[name] = pooled_nucleus_metrics(per_image)
-    model.train()
     for key in ("f1", "aji", "pq", "dice"):
         out[key] = float(np.mean([m[key] for m in out.values() if isinstance(m, dict)]))
+    if stress:
+        samples = [replace(s, group=name) for name, group in groups.items() for s in group]
+        measured = stress_metrics(model, samples, score, model.config.default_nms_iou)
+        out["stress"] = {"mean": measured["mean"], **measured["transforms"]}
+        out["stress_pq"] = measured["mean"]["pq"]
+    model.train()
     return out
 
 
@@ -374,12 +383,14 @@ class Trainer:
 
     def _validate_here(self) -> bool:
         t0 = time.perf_counter()
-        metrics = validate(self.shipped_model(), self.val)
+        metrics = validate(self.shipped_model(), self.val, self.cfg.stress)
         metrics.update(step=self.step, seconds=round(time.perf_counter() - t0, 1))
         self.history.append(metrics)
         with open(self.out / "val.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
-        score = metrics["pq"]  # the mean over groups
+        # every validated weight set is kept: a later rule (evaluate's stain stress) may choose
+        self.save(f"snaps/step{self.step:06d}.pt", metrics, with_state=False)
+        score = metrics["pq"] if not self.cfg.stress else (metrics["pq"] + metrics["stress_pq"]) / 2
         if score > self.best:
             self.best, self.bad_validations = score, 0
             self.save("best.pt", metrics, with_state=False)

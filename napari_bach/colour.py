@@ -1,0 +1,64 @@
+"""Is this image coloured like the images the models were validated on?
+
+A model scored F1 0.17 on one scanner's maroon-on-lavender breast patches and 0.68 on the
+same patches in grayscale: colour far from the training images' can break a model without
+anything looking wrong. So every image's H&E stain vectors (Macenko, :mod:`napari_bach.stain`)
+are compared with those of the training images; an image whose hematoxylin or eosin points
+further from theirs than 99% of them did is flagged, and the status line, the CLI log and
+``summary.csv`` say its result may be unreliable and why.
+
+The reference was measured on the training images (MoNuSeg, CPM-15, every 20th CoNSeP
+patch, every 8th BACH image: 125 with enough stain) by ``python -m src_train colours``:
+the median vectors, and the 99th percentile of the angles to them, rounded up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# optical-density unit vectors over (R, G, B)
+REFERENCE_H = (0.597, 0.723, 0.348)
+REFERENCE_E = (0.283, 0.851, 0.443)
+MAX_H_ANGLE = 18.0  # degrees; the training images' 99th percentile is 17.4
+MAX_E_ANGLE = 25.0  # degrees; 23.7
+
+
+def angle(vector, reference) -> float:
+    """Degrees between two optical-density directions."""
+    v, r = np.asarray(vector, float), np.asarray(reference, float)
+    return float(np.degrees(np.arccos(np.clip(v @ r / (np.linalg.norm(v) * np.linalg.norm(r)), -1, 1))))
+
+
+@dataclass(frozen=True)
+class ColourCheck:
+    """``warning`` is empty when the colours are within the validated range (or there is too
+    little stained tissue to tell); otherwise one sentence for people."""
+
+    h_angle: float | None
+    e_angle: float | None
+    warning: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.warning
+
+
+def check_colours(rgb: np.ndarray) -> ColourCheck:
+    """The image's stain vectors against the training images' (:data:`REFERENCE_H`, ``_E``)."""
+    from .stain import estimate_stain
+
+    stain = estimate_stain(rgb)
+    if stain is None:
+        return ColourCheck(None, None)
+    h, e = angle(stain[0:3], REFERENCE_H), angle(stain[3:6], REFERENCE_E)
+    off = []
+    if h > MAX_H_ANGLE:
+        off.append(f"hematoxylin {h:.0f}° from the training images' (they stay within {MAX_H_ANGLE:.0f}°)")
+    if e > MAX_E_ANGLE:
+        off.append(f"eosin {e:.0f}° from the training images' (within {MAX_E_ANGLE:.0f}°)")
+    warning = ""
+    if off:
+        warning = ("colours unlike the images the model was validated on: " + "; ".join(off)
+                   + ". The result may be unreliable: check the outlines")
+    return ColourCheck(h, e, warning)

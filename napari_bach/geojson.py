@@ -1,4 +1,5 @@
-"""QuPath GeoJSON: one detection per nucleus, a closed polygon in image pixels.
+"""QuPath GeoJSON: one detection per nucleus, a closed polygon in image pixels; tissue
+maps as annotations, one rectangle per field with its class and probabilities.
 
 QuPath reads it with File › Import objects (or by dropping the file on the image):
 ``objectType: detection``, the nucleus score and every measurement. Slides write it
@@ -80,4 +81,34 @@ def write_geojson(path: str | Path, seg: Segmentation, table: dict, model_name: 
     rings = polygons(seg.labels, seg.ids, (0, 0))
     features = geojson_features(rings, table, seg.ids, model_name)
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+# QuPath's colours for the four BACH classes (RGB), also the napari tissue-map layer's
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {"Normal": (60, 170, 60), "Benign": (70, 130, 220),
+                                                  "InSitu": (240, 170, 30), "Invasive": (215, 40, 40)}
+
+
+def tissue_features(windows: np.ndarray, probs: np.ndarray, classes: tuple[str, ...],
+                    offset: tuple[int, int] = (0, 0)) -> list[dict]:
+    """QuPath annotations (``objectType: annotation``): each field's rectangle (``windows``
+    N×4 ``y0, x0, y1, x1``), classified as its most likely class, probabilities as
+    measurements. Fields overlap by half: QuPath draws them as they are."""
+    features = []
+    for k, ((y0, x0, y1, x1), p) in enumerate(zip(windows + np.tile(offset, 2), probs)):
+        name = classes[int(np.argmax(p))]
+        ring = [[float(x0), float(y0)], [float(x1), float(y0)], [float(x1), float(y1)], [float(x0), float(y1)],
+                [float(x0), float(y0)]]
+        features.append({"type": "Feature", "id": f"field-{k}",
+                         "geometry": {"type": "Polygon", "coordinates": [ring]},
+                         "properties": {"objectType": "annotation", "name": f"field {k}: {name}",
+                                        "classification": {"name": name, "color": list(CLASS_COLOURS.get(name, (128, 128, 128)))},
+                                        "measurements": {f"p_{c}": round(float(v), 4) for c, v in zip(classes, p)}}})
+    return features
+
+
+def write_tissue_geojson(path: str | Path, windows: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> Path:
+    """A FeatureCollection of a tissue map's fields (QuPath: File › Import objects)."""
+    path = Path(path)
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": tissue_features(windows, probs, classes)}))
     return path

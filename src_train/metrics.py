@@ -106,5 +106,6 @@ def tissue_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ..
         per_class[name] = {"precision": float(p), "recall": float(r), "f1": float(f),
                            "roc_auc": roc_auc(y_true == i, np.asarray(probs)[:, i])}
     macro = {m: float(np.nanmean([per_class[c][m] for c in classes])) for m in ("precision", "recall", "f1", "roc_auc")}
-    return {"accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0, "macro": macro,
+    return {"accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
+            "balanced_accuracy": macro["recall"], "macro": macro,
             "per_class": per_class, "confusion": cm.tolist(), "classes": list(classes)}

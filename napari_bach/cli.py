@@ -16,9 +16,10 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import DEFAULT_MODEL
+from .tissue import DEFAULT_TISSUE_MODEL
 from .config import Thresholds
 from .imageio import IMAGE_SUFFIXES, ImageReadError, read_image
-from .pixelsize import check_mpp, resolve_mpp
+from .pixelsize import FILE_TAGS, check_mpp, resolve_mpp
 from .scale import unknown_scale_note
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -155,15 +156,22 @@ def _check_slides(jobs: list[Job], out: Path, config, model_name: str, mpp, thre
 def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = DEFAULT_MODEL,
                   mpp: float | None = None, thresholds: Thresholds = Thresholds(), device: str = "cpu",
                   log: Callable[[str], None] = print, progress: bool = False,
-                  slides: SlideOptions = SlideOptions(), tta: bool = False) -> tuple[Path, int]:
+                  slides: SlideOptions = SlideOptions(), tta: bool = False,
+                  tissue_model: str | Path | None = DEFAULT_TISSUE_MODEL) -> tuple[Path, int]:
     """Segment every image and slide; write ``<stem>_labels.tif``, ``<stem>_nuclei.csv`` and
     ``<stem>_nuclei.geojson`` (QuPath; slides: ``_labels.zarr`` instead of the TIFF) beside the input's
-    relative path under ``out``, and ``summary.csv``. ``mpp`` is used for files that do not
-    say. Returns the summary path and the number of inputs that failed. Raises
-    :class:`OutputClash` before any work when two inputs would write the same files."""
+    relative path under ``out``, and ``summary.csv`` with each image's tissue class (from
+    ``tissue_model``; images larger than one BACH field also get ``<stem>_tissue.geojson``,
+    the map's fields as QuPath annotations) and a warning for colours unlike the training
+    images'. ``mpp`` is used for files that do not say. Returns the summary path and the
+    number of inputs that failed. Raises :class:`OutputClash` before any work when two
+    inputs would write the same files."""
     from tqdm import tqdm
 
     from .checkpoint import cached_model
+    from .colour import check_colours
+    from .geojson import write_tissue_geojson
+    from .tissue import cached_tissue_model, tissue_map
     from .export import write_labels_tiff
     from .geojson import write_geojson
     from .measure import hematoxylin, measure_nuclei
@@ -178,10 +186,11 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         raise OutputClash(f"these inputs would write the same output files: {names}. Rename one, or segment them "
                          "into different --out folders")
     model, info = cached_model(model_path, device)  # a wrong model stops here, before anything is written
+    tissue = cached_tissue_model(tissue_model, required=Path(tissue_model) != DEFAULT_TISSUE_MODEL) if tissue_model else None
     cfg = model.config
     limits = thresholds.resolve(cfg)
     log(f"model: {info.status}; score ≥ {limits.score:g}, NMS IoU {limits.nms_iou:g}, "
-        f"nuclei ≥ {limits.min_area:g} µm²")
+        f"nuclei ≥ {limits.min_area:g} µm²" + (f"; {tissue[1].status}" if tissue else ""))
     out = Path(out)
     slide_jobs = [job for job in jobs if is_slide(job.path)]
     jobs = [job for job in jobs if job not in slide_jobs]
@@ -189,7 +198,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     out.mkdir(parents=True, exist_ok=True)
     slide_rows, slide_failed = (segment_slides(slide_jobs, out, model_path, mpp, thresholds, device, slides, log)
                                 if slide_jobs else ([], 0))
-    classes = list(cfg.tissue_classes)
+    classes = list(tissue[0].config.classes if tissue else cfg.tissue_classes)
     rows, failed = [], 0
     images = tqdm(jobs, desc="images", unit="image", disable=not progress, position=0)
     for n, job in enumerate(images, start=1):
@@ -202,7 +211,9 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
             continue
         for note in data.notices:
             log(f"[{n}/{len(jobs)}] {job.path.name}: {note}")
-        pixel_size = data.pixel_size if data.pixel_size.known else resolve_mpp(fallback=mpp)
+        # the file's own tags win; a given --mpp beats the guess from a BACH-style name or folder
+        pixel_size = (data.pixel_size if data.pixel_size.source == FILE_TAGS or mpp is None and data.pixel_size.known
+                      else resolve_mpp(fallback=mpp))
         tiles = tqdm(desc=job.path.name, unit="tile", disable=not progress, position=1, leave=False)
 
         def tick(step, bar=tiles):
@@ -222,20 +233,30 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         write_labels_tiff(job.output(out, "_labels.tif"), seg.labels, pixel_size.mpp)
         write_nuclei_csv(job.output(out, "_nuclei.csv"), table)
         write_geojson(job.output(out, "_nuclei.geojson"), seg, table, info.name)
-        row = {"image": str(job.path), "mpp": pixel_size.mpp or "", "mpp_source": pixel_size.source,
-               "nuclei": len(seg.ids), "tissue_class": "not trained"}
+        row = {"image": str(job.path), "mpp": round(pixel_size.mpp, 4) if pixel_size.mpp else "",
+               "mpp_source": pixel_size.source, "nuclei": len(seg.ids), "tissue_class": "not trained",
+               "tissue_class_from_file": data.tissue_class or ""}
         if not pixel_size.known:
             row["note"] = unknown_scale_note(det.scale_estimate, cfg.mpp)
-        if det.tissue_probs is not None:
-            row["tissue_class"] = classes[int(np.argmax(det.tissue_probs))]
-            row.update({f"p_{c}": round(float(p), 4) for c, p in zip(classes, det.tissue_probs)})
+        probs = det.tissue_probs
+        if tissue is not None:  # at the µm/px the nuclei were segmented at (the estimate when unknown)
+            tmap = tissue_map(data.rgb, pixel_size.mpp or det.segmented_mpp or cfg.mpp, tissue[0])
+            probs = tmap.image_probs()
+            if len(tmap.windows) > 1:
+                write_tissue_geojson(job.output(out, "_tissue.geojson"), tmap.windows, tmap.probs, tmap.classes)
+        if probs is not None:
+            row["tissue_class"] = classes[int(np.argmax(probs))]
+            row.update({f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs)})
+        colours = check_colours(data.rgb)
+        row["colour_warning"] = colours.warning
         rows.append(row)
         log(f"[{n}/{len(jobs)}] {job.path.name}: {len(seg.ids)} nuclei, {pixel_size.describe()}, "
-            f"tissue class {row['tissue_class']}")
+            f"tissue class {row['tissue_class']}" + (f"; WARNING: {colours.warning}" if colours.warning else ""))
     rows += slide_rows
     failed += slide_failed
     total = len(jobs) + len(slide_jobs)
-    fields = ["image", "mpp", "mpp_source", "nuclei", "tissue_class", *[f"p_{c}" for c in classes], "note", "error"]
+    fields = ["image", "mpp", "mpp_source", "nuclei", "tissue_class", *[f"p_{c}" for c in classes],
+              "tissue_class_from_file", "colour_warning", "note", "error"]
     with open(out / "summary.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         writer.writeheader()
@@ -405,9 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (searched recursively)")
     s.add_argument("--out", required=True, type=_out_folder, help="output folder (created if missing)")
     s.add_argument("--model", default=str(DEFAULT_MODEL), help="napari-bach checkpoint (default: the shipped model)")
+    s.add_argument("--tissue-model", default=str(DEFAULT_TISSUE_MODEL),
+                   help="tissue classifier (default: the shipped one; 'none': no tissue class)")
     s.add_argument("--mpp", type=_mpp, default=None,
-                   help="µm/px for images whose file does not record it (TIFF tags or a BACH name win; "
-                        "default: none, such images are measured in pixels)")
+                   help="µm/px for images whose file does not record it (TIFF tags win; it beats the 0.42 "
+                        "guessed from a BACH name or class folder; default: none, such images are measured in pixels)")
     s.add_argument("--score-threshold", type=_score, default=None,
                    help="keep nuclei scoring at least this, 0–1 (default: the model's own)")
     s.add_argument("--nms-iou", type=_iou, default=None,
@@ -452,14 +475,15 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_FAILED
         return view(args.image, args.segment, args.screenshot)
     from .checkpoint import CheckpointError
+    from .tissue import TissueModelError
 
     try:
         slides = SlideOptions(args.roi, args.block_size, args.workers, args.dask_scheduler)
         _, failed = segment_files(args.inputs, args.out, args.model, args.mpp,
                                   Thresholds(args.score_threshold, args.nms_iou, args.min_area), args.device,
                                   log=lambda m: print(m, file=sys.stderr), progress=sys.stderr.isatty(), slides=slides,
-                                  tta=args.tta)
-    except (CheckpointError, OutputClash) as exc:
+                                  tta=args.tta, tissue_model=None if args.tissue_model == "none" else args.tissue_model)
+    except (CheckpointError, TissueModelError, OutputClash) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_FAILED if failed else EXIT_OK

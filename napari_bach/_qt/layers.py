@@ -66,3 +66,22 @@ def write_changed_nuclei(layer, labels: np.ndarray) -> int:
         for group in groups:
             layer.data_setitem(np.unravel_index(changed[group], data.shape), new[group])
     return len(groups)
+
+
+def tissue_map_layer(cells: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], source: str,
+                     placement: dict) -> tuple:
+    """A Shapes layer of a tissue map: each field's cell (N×4 ``y0, x0, y1, x1``) filled with
+    its class's colour, the class and its probabilities as features."""
+    from ..geojson import CLASS_COLOURS
+
+    names = [classes[i] for i in probs.argmax(1)]
+    faces = [(*(c / 255 for c in CLASS_COLOURS.get(n, (128, 128, 128))), 0.3) for n in names]
+    rectangles = [(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], np.float32), "rectangle")
+                  for y0, x0, y1, x1 in cells]
+    features = {"tissue_class": names, **{f"p_{c}": probs[:, i] for i, c in enumerate(classes)}}
+    return (rectangles, {
+        "name": f"{source} tissue map", **placement, "features": features, "face_color": faces,
+        "edge_color": "white", "edge_width": 0.0, "opacity": 1.0,
+        "text": {"string": "{tissue_class}", "size": 10, "color": "white"},
+        "metadata": {ROLE_KEY: {"role": "tissue map", "source": source}},
+    }, "shapes")

@@ -17,11 +17,13 @@ from ..detections import Detections, LiveLabels, Segmentation
 from ..edit import Edits
 from ..measure import hematoxylin, measure_nuclei
 from ..pixelsize import EXPLICIT, PixelSize
+from ..colour import ColourCheck, check_colours
 from ..predict import iter_predict
+from ..tissue import TissueInfo, TissueMap, classify_image
 from ..scale import unknown_scale_note
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, image_and_placement,
                      layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, tissue_text, wrap)
-from .layers import OUTLINE_PX, result_layers, write_changed_nuclei
+from .layers import OUTLINE_PX, result_layers, tissue_map_layer, write_changed_nuclei
 
 if TYPE_CHECKING:
     import napari
@@ -36,8 +38,13 @@ def _segment(rgb: np.ndarray, model_path: Path, device: str, pixel_size: PixelSi
     model, info = cached_model(model_path, device)
     det = yield from iter_predict(rgb, model, pixel_size, tissue_trained=info.tissue_trained, tta=tta,
                                   score_floor=floor)
+    yield "tissue class and colour check"
+    tissue = classify_image(rgb, pixel_size.mpp or det.segmented_mpp or model.config.mpp)
+    if tissue is not None:  # the separate classifier speaks for the image's class
+        det.tissue_probs, det.classes = tissue[0].image_probs(), tissue[0].classes
+    colours = check_colours(rgb)
     yield "measuring"
-    return det, info, hematoxylin(rgb), model.config.mpp
+    return det, info, hematoxylin(rgb), model.config.mpp, tissue, colours
 
 
 @dataclass
@@ -52,6 +59,8 @@ class Result:
     placement: dict
     known: str | None
     edits: Edits
+    tissue: tuple[TissueMap, TissueInfo] | None = None  # the tissue classifier's map, when one is installed
+    colours: ColourCheck | None = None
     shown: np.ndarray | None = None  # the labels last put in the layer: edits are the difference
     seg: Segmentation | None = None
     live: LiveLabels = field(init=False)  # the sliders' re-filter: only nuclei that change are pasted
@@ -188,7 +197,7 @@ class SegmentWidget(Container):
         self.task.cancel()
 
     def _on_done(self, out, layer, source: str, placement: dict, known: str | None) -> None:
-        det, info, hema, model_mpp = out
+        det, info, hema, model_mpp, tissue, colours = out
         edits = Edits(first_free=len(det) + 1)
         if self.result is not None and (self.result.source, self.result.det.image_shape) == (source, det.image_shape):
             self._absorb_edits()  # a re-run keeps what was drawn and deleted by hand
@@ -202,13 +211,14 @@ class SegmentWidget(Container):
             self._viewer.reset_view()  # the image changed size on screen: keep it in view
         previous = self.result
         was_known = previous is None or previous.det.pixel_size.known
-        self.result = Result(det, info, hema, model_mpp, source, placement, known, edits)
+        self.result = Result(det, info, hema, model_mpp, source, placement, known, edits, tissue, colours)
         if ps.known != was_known:  # the minimum area changes units with the result's µm/px
             with self._min_area.changed.blocked():
                 factor = self._px_mpp(previous)**2 if ps.known else 1 / self._px_mpp(self.result)**2
                 self._min_area.value = round(float(self._min_area.value) * factor, 1)
         self._area_row.label = AREA_UM2 if ps.known else AREA_PX
         self._tissue.value = tissue_text(det.tissue_probs, det.classes, known)
+        self._show_tissue_map()
         self.refilter()
         self.measure()
         self._status.value = self._count_text() + ("\nyour edits of the last run were kept" if edits else "")
@@ -301,6 +311,17 @@ class SegmentWidget(Container):
         if box_layer is not None:
             put_result_layer(self._viewer, *box_layer)
 
+    def _show_tissue_map(self) -> None:
+        """Images larger than one BACH field: their fields' classes as a layer (replaced on re-run)."""
+        r = self.result
+        old = find_result_layer(self._viewer, {"role": "tissue map", "source": r.source})
+        if old is not None:
+            self._viewer.layers.remove(old)
+        if r.tissue is not None and len(r.tissue[0].windows) > 1:
+            tmap = r.tissue[0]
+            data, kwargs, kind = tissue_map_layer(tmap.cells(), tmap.probs, tmap.classes, r.source, r.placement)
+            self._viewer.add_shapes(data, **kwargs)
+
     def _count_text(self) -> str:
         r = self.result
         lines = [f"{len(r.seg.ids)} nuclei" + (f" (with your edits: {len(r.edits.drawn)} drawn, "
@@ -310,5 +331,10 @@ class SegmentWidget(Container):
         if not ps.known:
             lines.append(f"{unknown_scale_note(r.det.scale_estimate, r.model_mpp)}; sizes in pixels "
                          "(set µm/px and run again for µm)")
-        lines += r.info.status.rsplit(", ", 1)  # the name may hold commas: split off the tissue part only
+        parts = r.info.status.rsplit(", ", 1)  # the name may hold commas: split off the tissue part only
+        if r.tissue is not None:
+            parts = [parts[0], r.tissue[1].status]
+        lines += parts
+        if r.colours is not None and r.colours.warning:
+            lines.append(f"WARNING: {r.colours.warning}")
         return "\n".join(lines)

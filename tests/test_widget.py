@@ -15,8 +15,9 @@ def viewer(make_napari_viewer):
     return make_napari_viewer()
 
 
-def _widget(viewer, checkpoint, score=0.05):
+def _widget(viewer, checkpoint, score=0.05, tissue_model=None):
     w = SegmentWidget(viewer)
+    w.tissue_model = tissue_model  # the shipped classifier only where a test asks for one
     viewer.window.add_dock_widget(w)
     w.model.use_file(checkpoint)
     w._score.value = score
@@ -328,3 +329,52 @@ def test_slider_writes_each_changed_nucleus_as_a_small_redraw_in_one_undo_step(v
     layer.undo()
     np.testing.assert_array_equal(layer.data, before)
     assert write_changed_nuclei(layer, before) == 0
+
+
+def _random_tissue_model(path):
+    import torch
+
+    from napari_bach.tissue import TissueConfig, TissueInfo, TissueNet, save_tissue_model
+
+    torch.manual_seed(0)
+    net = TissueNet(TissueConfig.for_backbone("efficientnet_lite0", scales=(8.0,)))
+    torch.nn.init.normal_(net.head.weight, std=0.5)
+    return save_tissue_model(path, net, TissueInfo(name="test tissue", trained=True))
+
+
+def test_tissue_class_map_and_colour_warning_are_shown(viewer, qtbot, tiny_checkpoint, tmp_path):
+    from src_train.stress import STRESS
+
+    from napari_bach.checkpoint import ModelInfo, save_checkpoint
+    from napari_bach.model import build_model
+
+    from conftest import tiny_config
+
+    tissue = _random_tissue_model(tmp_path / "tissue.pt")
+    nuclei = save_checkpoint(tmp_path / "coarse.pt", build_model(tiny_config(mpp=2.0)), ModelInfo(name="coarse"))
+    rgb, _ = synthetic_he((700, 900), mpp=2.0, seed=4)  # 1.4 × 1.8 mm: larger than one BACH field
+    viewer.add_image(STRESS["maroon-lavender"](rgb), name="big", rgb=True, metadata={"mpp": 2.0})
+    w = _widget(viewer, nuclei, tissue_model=tissue)
+    _run_and_wait(qtbot, w)
+    probs = viewer.layers["big nuclei"].metadata["tissue_probs"]
+    assert set(probs) == {"Normal", "Benign", "InSitu", "Invasive"} and abs(sum(probs.values()) - 1) < 1e-4
+    assert "Tissue class:" in w._tissue.value and "not trained" not in w._tissue.value
+    tmap = viewer.layers["big tissue map"]
+    assert len(tmap.data) > 1 and {"tissue_class", "p_Invasive"} <= set(tmap.features.columns)
+    assert tuple(tmap.scale) == (2.0, 2.0)
+    assert "WARNING: colours unlike" in w._status.value and "tissue class trained (test tissue" in w._status.value
+    _run_and_wait(qtbot, w)
+    assert [l.name for l in viewer.layers].count("big tissue map") == 1  # replaced on re-run
+
+
+def test_results_follow_a_rerun_at_another_pixel_size(viewer, qtbot, tiny_checkpoint):
+    """Issue 28.1: re-run at another µm/px moved the image but left the outlines at the old scale."""
+    rgb, _ = synthetic_he((200, 240), seed=3)
+    viewer.add_image(rgb, name="he", rgb=True, metadata={"mpp": 0.25})
+    w = _widget(viewer, tiny_checkpoint)
+    _run_and_wait(qtbot, w)
+    assert tuple(viewer.layers["he nuclei"].scale) == (0.25, 0.25)
+    w._mpp.value = 0.467
+    _run_and_wait(qtbot, w)
+    for name in ("he", "he nuclei", "he boxes"):
+        assert tuple(viewer.layers[name].scale) == pytest.approx((0.467, 0.467)), name

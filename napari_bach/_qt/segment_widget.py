@@ -19,7 +19,7 @@ from ..measure import hematoxylin, measure_nuclei
 from ..pixelsize import EXPLICIT, PixelSize
 from ..colour import ColourCheck, check_colours
 from ..predict import iter_predict
-from ..tissue import TissueInfo, TissueMap, classify_image
+from ..tissue import DEFAULT_TISSUE_MODEL, TissueInfo, TissueMap, classify_image
 from ..scale import unknown_scale_note
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, image_and_placement,
                      layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, tissue_text, wrap)
@@ -33,13 +33,15 @@ MEASURE_DELAY_MS = 300  # the full table waits until the slider rests
 AREA_UM2, AREA_PX = "Min area µm²", "Min area px"
 
 
-def _segment(rgb: np.ndarray, model_path: Path, device: str, pixel_size: PixelSize, tta: bool, floor: float):
+def _segment(rgb: np.ndarray, model_path: Path, device: str, pixel_size: PixelSize, tta: bool, floor: float,
+             tissue_path: Path | None = DEFAULT_TISSUE_MODEL):
     yield "loading model"
     model, info = cached_model(model_path, device)
     det = yield from iter_predict(rgb, model, pixel_size, tissue_trained=info.tissue_trained, tta=tta,
                                   score_floor=floor)
     yield "tissue class and colour check"
-    tissue = classify_image(rgb, pixel_size.mpp or det.segmented_mpp or model.config.mpp)
+    mpp = pixel_size.mpp or det.segmented_mpp or model.config.mpp
+    tissue = classify_image(rgb, mpp, tissue_path) if tissue_path else None
     if tissue is not None:  # the separate classifier speaks for the image's class
         det.tissue_probs, det.classes = tissue[0].image_probs(), tissue[0].classes
     colours = check_colours(rgb)
@@ -71,6 +73,8 @@ class Result:
 
 class SegmentWidget(Container):
     """Mask R-CNN nuclei + tissue class for the chosen image layer."""
+
+    tissue_model: Path | None = DEFAULT_TISSUE_MODEL  # the tissue classifier (None: no tissue class)
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
         super().__init__(labels=True)
@@ -191,7 +195,7 @@ class SegmentWidget(Container):
         source, known = layer.name, layer_tissue_class(layer)
         floor = max(0.0, float(self._score.value) - CANDIDATE_MARGIN) if floor is None else floor
         self.task.start(_segment, rgb, path, self.model.device.value, self.pixel_size(), bool(self._tta.value), floor,
-                        done=lambda out: self._on_done(out, layer, source, placement, known))
+                        self.tissue_model, done=lambda out: self._on_done(out, layer, source, placement, known))
 
     def cancel(self) -> None:
         self.task.cancel()

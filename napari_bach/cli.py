@@ -78,7 +78,7 @@ class SlideOptions:
 
 
 def segment_slides(jobs: list[Job], out: Path, model_path, mpp, thresholds, device, options: SlideOptions,
-                   log: Callable[[str], None]) -> tuple[list[dict], int]:
+                   log: Callable[[str], None], tissue_model: str | Path | None = None) -> tuple[list[dict], int]:
     """Every slide streamed to disk, here or one task per slide on a dask cluster (each
     worker loads the model once; results are written by the workers)."""
     from .slide import segment_slide_file
@@ -87,7 +87,7 @@ def segment_slides(jobs: list[Job], out: Path, model_path, mpp, thresholds, devi
         folder = job.output(out, "").parent
         folder.mkdir(parents=True, exist_ok=True)
         return (str(job.path), str(folder), str(model_path), mpp, thresholds, device, options.region, True,
-                options.block_size)
+                options.block_size, None, tissue_model)
 
     rows, failed = [], 0
     if not (options.workers or options.scheduler):
@@ -104,7 +104,7 @@ def segment_slides(jobs: list[Job], out: Path, model_path, mpp, thresholds, devi
                 bar.set_postfix_str(step.message.split(",")[0], refresh=False)
                 bar.refresh() if sys.stderr.isatty() else bar.update(0)
             try:
-                rows.append(segment_slide_file(*args(job), progress=report))
+                rows.append(segment_slide_file(*args(job)[:9], progress=report, tissue_model=tissue_model))
             except Exception as exc:  # one bad slide must not stop the others
                 rows.append({"image": str(job.path), "error": f"{exc.__class__.__name__}: {exc}"})
                 log(f"{job.path.name}: failed: {exc}")
@@ -196,8 +196,8 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     jobs = [job for job in jobs if job not in slide_jobs]
     _check_slides(slide_jobs, out, cfg, info.name, mpp, thresholds, slides)
     out.mkdir(parents=True, exist_ok=True)
-    slide_rows, slide_failed = (segment_slides(slide_jobs, out, model_path, mpp, thresholds, device, slides, log)
-                                if slide_jobs else ([], 0))
+    slide_rows, slide_failed = (segment_slides(slide_jobs, out, model_path, mpp, thresholds, device, slides, log,
+                                               tissue_model if tissue else None) if slide_jobs else ([], 0))
     classes = list(tissue[0].config.classes if tissue else cfg.tissue_classes)
     rows, failed = [], 0
     images = tqdm(jobs, desc="images", unit="image", disable=not progress, position=0)

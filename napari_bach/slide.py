@@ -57,7 +57,8 @@ class SlideResult:
 def outputs(out_dir: str | Path, stem: str) -> dict[str, Path]:
     out = Path(out_dir)
     return {"labels": out / f"{stem}_labels.zarr", "csv": out / f"{stem}_nuclei.csv",
-            "geojson": out / f"{stem}_nuclei.geojson", "progress": out / f"{stem}_progress.json",
+            "geojson": out / f"{stem}_nuclei.geojson", "tissue": out / f"{stem}_tissue.geojson",
+            "progress": out / f"{stem}_progress.json",
             "parts": out / f".{stem}_parts"}
 
 
@@ -331,19 +332,23 @@ def _assemble(files: dict, n_blocks: int) -> None:
 def segment_slide_file(path: str | Path, out_dir: str | Path, model_path: str | Path, mpp: float | None = None,
                        thresholds: Thresholds = Thresholds(), device: str = "cpu",
                        region: tuple[int, int, int, int] | None = None, tissue_only: bool = True,
-                       block_size: int = 4096, progress=None) -> dict:
+                       block_size: int = 4096, progress=None, tissue_model: str | Path | None = None) -> dict:
     """One slide, start to finish (or resumed, or found finished), as a ``summary.csv``
     row; the unit of work a dask worker runs. The model is loaded once per process
-    (``cached_model``)."""
+    (``cached_model``). With ``tissue_model`` the slide's tissue map is written too
+    (``<stem>_tissue.geojson``, QuPath annotations) and the row gets its class."""
     from .checkpoint import cached_model
     from .predict import drain
 
     path = Path(path)
     model, info = cached_model(model_path, device)
+    tissue = None
     slide = open_slide(path, mpp)
     try:
         result = drain(iter_segment_slide(slide, model, out_dir, region, thresholds, tissue_only, block_size,
                                           info.name, info.tissue_trained), progress)
+        if tissue_model:
+            tissue = slide_tissue(slide, tissue_model, Path(out_dir), result)
     finally:
         slide.close()
     note = f"{result.blocks} blocks, {result.skipped} without tissue"
@@ -353,8 +358,29 @@ def segment_slide_file(path: str | Path, out_dir: str | Path, model_path: str | 
         note += f", {result.resumed} resumed"
     if not result.pixel_size.known:
         note += f"; {unknown_scale_note(result.scale_estimate, model.config.mpp)}"
-    return {"image": str(path), "nuclei": result.nuclei, "mpp": result.pixel_size.mpp or "",
-            "mpp_source": result.pixel_size.source, "tissue_class": "not computed for slides", "note": note}
+    row = {"image": str(path), "nuclei": result.nuclei, "mpp": round(result.pixel_size.mpp, 4) if result.pixel_size.mpp else "",
+           "mpp_source": result.pixel_size.source, "tissue_class": "not trained", "note": note}
+    if tissue is not None:
+        probs = tissue.image_probs()
+        row["tissue_class"] = tissue.classes[int(np.argmax(probs))]
+        row.update({f"p_{c}": round(float(p), 4) for c, p in zip(tissue.classes, probs)})
+    return row
+
+
+def slide_tissue(slide: Slide, tissue_model: str | Path, out_dir: Path, result: SlideResult):
+    """The tissue map of a segmented slide's region at its µm/px (or its estimate), written
+    as ``<stem>_tissue.geojson``; None without a tissue model."""
+    from .geojson import write_tissue_geojson
+    from .predict import drain
+    from .tissue import cached_tissue_model, iter_slide_tissue_map
+
+    loaded = cached_tissue_model(tissue_model)
+    mpp = result.pixel_size.mpp or result.scale_estimate
+    if loaded is None or not mpp:
+        return None
+    tmap = drain(iter_slide_tissue_map(slide, loaded[0], result.region, mpp))
+    write_tissue_geojson(outputs(out_dir, slide_stem(slide.path))["tissue"], tmap.windows, tmap.probs, tmap.classes)
+    return tmap
 
 
 def check_slide_outputs(path: str | Path, out_dir: str | Path, config, model_name: str, mpp: float | None,

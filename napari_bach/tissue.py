@@ -250,6 +250,49 @@ def classify_image(rgb: np.ndarray, mpp: float, path: str | Path = DEFAULT_TISSU
     return tissue_map(rgb, mpp, net), info
 
 
+def iter_slide_tissue_map(slide, net: TissueNet, region: tuple[int, int, int, int] | None = None,
+                          mpp: float | None = None, chunk: int = 4):
+    """The tissue map of a slide's ``region`` (y0 x0 y1 x1 level-0 px; default all of it),
+    with memory bounded whatever the slide: the window grid is cut into chunks of
+    ``chunk``×``chunk`` windows, each read once at the pyramid level nearest the trunk's
+    finest scale (never coarser) and pooled by :meth:`TissueNet.window_features`. Windows
+    without tissue in the slide's overview are skipped. Yields progress lines; returns a
+    :class:`TissueMap` in level-0 pixels. ``mpp``: the slide's µm/px (its own, or the
+    estimate its nuclei gave)."""
+    from .imageio import is_tissue
+    from .slideio import overview
+
+    mpp = mpp or slide.pixel_size.mpp
+    if not mpp:
+        raise ValueError("the slide's µm/px is unknown: a tissue map needs it (give --mpp)")
+    h, w = slide.shape
+    y0, x0, y1, x1 = region or (0, 0, h, w)
+    windows = plan_windows((y1 - y0, x1 - x0), mpp, net.config) + np.array([y0, x0, y0, x0])
+    thumb, factor = overview(slide)
+    mask = is_tissue(thumb)
+    tissue = np.array([mask[int(a / factor):max(int(a / factor) + 1, int(np.ceil(c / factor))),
+                            int(b / factor):max(int(b / factor) + 1, int(np.ceil(d / factor)))].mean()
+                       for a, b, c, d in windows])
+    # the level whose pixels are at most the trunk's finest scale
+    target = min(net.config.scales) / mpp
+    level = max([k for k, f in enumerate(slide.downsamples) if f <= target * 1.01] or [0])
+    f = slide.downsamples[level]
+    probs = np.full((len(windows), len(net.config.classes)), 1 / len(net.config.classes))
+    starts_y, starts_x = np.unique(windows[:, 0]), np.unique(windows[:, 1])
+    groups = [(gy, gx) for gy in range(0, len(starts_y), chunk) for gx in range(0, len(starts_x), chunk)]
+    for n, (gy, gx) in enumerate(groups, start=1):
+        inside = (np.isin(windows[:, 0], starts_y[gy:gy + chunk]) & np.isin(windows[:, 1], starts_x[gx:gx + chunk])
+                  & (tissue > 0.02))
+        if inside.any():
+            part = windows[inside]
+            by0, bx0, by1, bx1 = part[:, 0].min(), part[:, 1].min(), part[:, 2].max(), part[:, 3].max()
+            rgb = slide.read(int(by0 / f), int(bx0 / f), int(np.ceil(by1 / f)), int(np.ceil(bx1 / f)), level)
+            local = (part - np.array([by0, bx0, by0, bx0])) / f
+            probs[inside] = net.probabilities(net.window_features(rgb, mpp * f, local))
+        yield f"tissue map: chunk {n}/{len(groups)}"
+    return TissueMap(windows.astype(np.int64), probs, tissue, net.config.classes)
+
+
 # -- files ---------------------------------------------------------------------------------------
 
 

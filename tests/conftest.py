@@ -30,6 +30,18 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def random_tissue_model(tmp_path_factory):
+    """A tissue classifier with a random head (and trunk): for the wiring, not the answers."""
+    from napari_bach.tissue import TissueConfig, TissueInfo, TissueNet, save_tissue_model
+
+    torch.manual_seed(0)
+    net = TissueNet(TissueConfig.for_backbone("efficientnet_lite0", scales=(8.0,)))
+    torch.nn.init.normal_(net.head.weight, std=0.5)
+    return save_tissue_model(tmp_path_factory.mktemp("tissue") / "tissue.pt", net,
+                             TissueInfo(name="test tissue", trained=True))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -186,7 +186,8 @@ def test_cli_and_a_two_worker_dask_cluster_write_both_slides_and_skip_them_on_re
         assert all("already finished" in r["note"] for r in csv.DictReader(fh))
 
 
-def test_segment_slide_widget_adds_lazy_labels_at_the_slide_scale(make_napari_viewer, qtbot, tmp_path, tiny_checkpoint):
+def test_segment_slide_widget_adds_lazy_labels_at_the_slide_scale(make_napari_viewer, qtbot, tmp_path, tiny_checkpoint,
+                                                                  random_tissue_model):
     import dask.array as da
 
     from napari_bach._qt.common import SHAPES
@@ -197,6 +198,7 @@ def test_segment_slide_widget_adds_lazy_labels_at_the_slide_scale(make_napari_vi
     viewer = make_napari_viewer()
     viewer.open(str(path), plugin="napari-bach")
     w = SlideWidget(viewer)
+    w.tissue_model = random_tissue_model
     viewer.window.add_dock_widget(w)
     w.model.use_file(tiny_checkpoint)
     w.run()
@@ -213,6 +215,10 @@ def test_segment_slide_widget_adds_lazy_labels_at_the_slide_scale(make_napari_vi
     assert isinstance(layer.data, da.Array) and layer.data.shape == (120, 140)
     assert layer.scale[-1] == pytest.approx(MPP) and tuple(layer.translate) == pytest.approx((40 * MPP, 60 * MPP))
     assert f"{w.result.nuclei} nuclei" in w._status.value and "QuPath" in w._status.value
+    # the tissue map: a layer at the slide's scale, QuPath annotations beside the detections
+    assert "tissue map: 1 fields" in w._status.value and viewer.layers["s tissue map"].scale[-1] == pytest.approx(MPP)
+    annotations = json.loads((tmp_path / "out" / "s_tissue.geojson").read_text())["features"]
+    assert [f["properties"]["objectType"] for f in annotations] == ["annotation"]
 
     # Segment slide again, nothing changed: the results stay (issue 14.1: they were emptied)
     before = _files(tmp_path / "out")

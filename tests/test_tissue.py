@@ -177,3 +177,38 @@ def test_saved_model_gives_the_same_probabilities(tmp_path):
     loaded, _ = load_tissue_model(save_tissue_model(tmp_path / "t.pt", net, TissueInfo(name="t", trained=True)))
     after = loaded.probabilities(loaded.field_features(rgb, 1.0))
     assert np.allclose(before, after, atol=2e-3)  # the trunk is stored in fp16
+
+
+def test_slide_tissue_map_matches_the_in_memory_map_and_skips_glass(tmp_path, trained):
+    """A slide is mapped chunk by chunk from its pyramid: the same windows and (up to JPEG-free
+    reading) the same probabilities as the whole image in memory; glass-only windows stay flat."""
+    import tifffile
+
+    from napari_bach.predict import drain
+    from napari_bach.slideio import open_slide
+    from napari_bach.tissue import iter_slide_tissue_map
+
+    out, _ = trained
+    net, _ = load_tissue_model(out / "tissue.pt")
+    fh, fw = field_pixels(2.0, net.config)
+    rgb = np.concatenate([class_image(1, 600, (2 * fh, 2 * fw), mpp=2.0),
+                          np.full((2 * fh, 2 * fw, 3), 245, np.uint8)], axis=1)
+    path = tmp_path / "slide.tif"
+    opts = dict(tile=(256, 256), photometric="rgb", compression="zlib", resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, subifds=1, resolution=(1e4 / 2.0,) * 2, **opts)
+        tif.write(rgb[::2, ::2], subfiletype=1, resolution=(1e4 / 4.0,) * 2, **opts)
+    slide = open_slide(path)
+    try:
+        progress = []
+        tmap = drain(iter_slide_tissue_map(slide, net, chunk=2), lambda m: progress.append(m))
+    finally:
+        slide.close()
+    plain = tissue_map(rgb, 2.0, net)
+    assert np.array_equal(tmap.windows, plain.windows) and len(progress) > 1
+    tissue = tmap.tissue > 0.02
+    assert tissue.any() and (~tissue).any()
+    # chunks see less context at their borders than the whole image: the same classes, close probabilities
+    assert (tmap.probs[tissue].argmax(1) == plain.probs[tissue].argmax(1)).mean() >= 0.9
+    assert np.abs(tmap.probs[tissue] - plain.probs[tissue]).mean() < 0.05
+    assert np.allclose(tmap.probs[~tissue], 0.25)  # glass: no class claimed

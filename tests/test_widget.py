@@ -331,18 +331,7 @@ def test_slider_writes_each_changed_nucleus_as_a_small_redraw_in_one_undo_step(v
     assert write_changed_nuclei(layer, before) == 0
 
 
-def _random_tissue_model(path):
-    import torch
-
-    from napari_bach.tissue import TissueConfig, TissueInfo, TissueNet, save_tissue_model
-
-    torch.manual_seed(0)
-    net = TissueNet(TissueConfig.for_backbone("efficientnet_lite0", scales=(8.0,)))
-    torch.nn.init.normal_(net.head.weight, std=0.5)
-    return save_tissue_model(path, net, TissueInfo(name="test tissue", trained=True))
-
-
-def test_tissue_class_map_and_colour_warning_are_shown(viewer, qtbot, tiny_checkpoint, tmp_path):
+def test_tissue_class_map_and_colour_warning_are_shown(viewer, qtbot, tmp_path, random_tissue_model):
     from src_train.stress import STRESS
 
     from napari_bach.checkpoint import ModelInfo, save_checkpoint
@@ -350,7 +339,7 @@ def test_tissue_class_map_and_colour_warning_are_shown(viewer, qtbot, tiny_check
 
     from conftest import tiny_config
 
-    tissue = _random_tissue_model(tmp_path / "tissue.pt")
+    tissue = random_tissue_model
     nuclei = save_checkpoint(tmp_path / "coarse.pt", build_model(tiny_config(mpp=2.0)), ModelInfo(name="coarse"))
     rgb, _ = synthetic_he((700, 900), mpp=2.0, seed=4)  # 1.4 × 1.8 mm: larger than one BACH field
     viewer.add_image(STRESS["maroon-lavender"](rgb), name="big", rgb=True, metadata={"mpp": 2.0})

@@ -15,10 +15,11 @@ from magicgui.widgets import Container, FileEdit, PushButton, SpinBox, create_wi
 from ..checkpoint import cached_model
 from ..pixelsize import EXPLICIT, PixelSize
 from ..predict import available_devices
-from ..slide import SlideResult, iter_segment_slide
+from ..slide import SlideResult, iter_segment_slide, slide_tissue
+from ..tissue import DEFAULT_TISSUE_MODEL
 from ..slideio import open_slide
 from .common import BackgroundTask, ModelPicker, RegionPicker, layer_pixel_size, row
-from .layers import ROLE_KEY
+from .layers import ROLE_KEY, tissue_map_layer
 
 if TYPE_CHECKING:
     import napari
@@ -26,20 +27,27 @@ if TYPE_CHECKING:
 
 
 def _segment_slide(path: str, out: str, model_path: Path, device: str, pixel_size: PixelSize,
-                   region: tuple[int, int, int, int] | None, block_size: int):
+                   region: tuple[int, int, int, int] | None, block_size: int,
+                   tissue_path: Path | None = DEFAULT_TISSUE_MODEL):
     yield "loading model"
     model, info = cached_model(model_path, device)
     slide = open_slide(path, pixel_size.mpp if pixel_size.source == EXPLICIT else None)
     try:
-        return (yield from iter_segment_slide(slide, model, out, region, tissue_only=region is None,
-                                              block_size=block_size, model_name=info.name,
-                                              tissue_trained=info.tissue_trained))
+        result = yield from iter_segment_slide(slide, model, out, region, tissue_only=region is None,
+                                               block_size=block_size, model_name=info.name,
+                                               tissue_trained=info.tissue_trained)
+        yield "tissue map"
+        tmap = slide_tissue(slide, tissue_path, Path(out), result) if tissue_path else None
+        return result, tmap
     finally:
         slide.close()
 
 
 class SlideWidget(Container):
-    """Nuclei of a whole slide or a region, streamed to zarr, CSV and QuPath GeoJSON."""
+    """Nuclei of a whole slide or a region, streamed to zarr, CSV and QuPath GeoJSON, and
+    its tissue map (fields of BACH's size classified, as QuPath annotations too)."""
+
+    tissue_model: Path | None = DEFAULT_TISSUE_MODEL  # None: no tissue map
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:  # napari injects the viewer by this annotation
         super().__init__(labels=True)
@@ -93,9 +101,9 @@ class SlideWidget(Container):
             return
         pixel_size = layer_pixel_size(layer)
         self.task.start(_segment_slide, path, out, self.model.path(), self.model.device.value, pixel_size, region,
-                        int(self._block.value), done=lambda result: self._on_done(result, layer))
+                        int(self._block.value), self.tissue_model, done=lambda out: self._on_done(*out, layer))
 
-    def _on_done(self, result: SlideResult, layer) -> None:
+    def _on_done(self, result: SlideResult, tmap, layer) -> None:
         import dask.array as da
 
         self.result = result
@@ -116,6 +124,19 @@ class SlideWidget(Container):
         else:
             head = (f"{result.nuclei} nuclei in {result.blocks} blocks ({result.skipped} without tissue"
                     + (f", {result.resumed} done before" if result.resumed else "") + ")")
+        tissue_line = ""
+        if tmap is not None:
+            source = layer.name
+            for existing in list(self._viewer.layers):
+                if (existing.metadata or {}).get(ROLE_KEY) == {"role": "tissue map", "source": source}:
+                    self._viewer.layers.remove(existing)
+            data, kwargs, _ = tissue_map_layer(tmap.cells(), tmap.probs, tmap.classes, source,
+                                               {"scale": scale, "units": tuple(layer.units[-2:])})
+            self._viewer.add_shapes(data, **kwargs)
+            probs = tmap.image_probs()
+            best = tmap.classes[int(probs.argmax())]
+            tissue_line = (f"\ntissue map: {len(tmap.windows)} fields, mostly {best} ({probs.max():.0%}); "
+                           f"QuPath annotations: {result.geojson.name.replace('_nuclei', '_tissue')}")
         self._status.value = (head + "\n"
                               f"QuPath: File › Import objects › {result.geojson.name}\n"
-                              f"table: {result.csv.name}, labels: {result.labels.name}")
+                              f"table: {result.csv.name}, labels: {result.labels.name}" + tissue_line)

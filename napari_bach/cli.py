@@ -368,8 +368,9 @@ def _block_size(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
     if not MIN_BLOCK <= value <= MAX_BLOCK:
-        raise argparse.ArgumentTypeError(f"{value} px: blocks are {MIN_BLOCK}–{MAX_BLOCK} px (each carries 40 µm "
-                                         "of context on every side; memory grows with the block)")
+        raise argparse.ArgumentTypeError(f"{value} px: blocks are {MIN_BLOCK}–{MAX_BLOCK} px (each carries a tile's "
+                                         "margin of context on every side, 14 µm for the shipped model; memory "
+                                         "grows with the block)")
     return value
 
 
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "view":
         if args.image and not Path(args.image).is_file():
             print(f"error: {args.image}: no such file", file=sys.stderr)
-            return EXIT_USAGE
+            return EXIT_FAILED  # as any image that cannot be read (README)
         problem = display_problem()
         if problem:
             print(f"error: {problem}", file=sys.stderr)

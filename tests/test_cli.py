@@ -20,7 +20,7 @@ def test_segment_writes_labels_tables_and_summary(tmp_path, tiny_checkpoint):
     Image.fromarray(rgb[:100, :120]).save(folder / "other.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     out = tmp_path / "out"
-    assert main(["segment", str(folder), "--out", str(out), "--model", str(tiny_checkpoint),
+    assert main(["segment", str(folder), "--out", str(out), "--model", str(tiny_checkpoint), "--tissue-model", "none",
                  "--score-threshold", "0.05"]) == 1  # broken.png failed: not a silent success
     labels = tifffile.imread(out / "is004_labels.tif")
     assert labels.shape == (150, 170) and labels.dtype == np.int32
@@ -111,10 +111,11 @@ def test_impossible_arguments_are_argparse_errors(tmp_path, extra, message):
 
 def test_out_that_is_a_file_and_view_of_a_missing_image_are_messages(tmp_path):
     (tmp_path / "taken").write_text("x")
-    for argv, message in ((["segment", str(tmp_path), "--out", str(tmp_path / "taken")], "not a folder"),
-                          (["view", str(tmp_path / "missing.png")], "no such file")):
+    # a wrong argument exits 2; an image that cannot be read (missing too) exits 1, as README says (issue 28.20)
+    for argv, message, code in ((["segment", str(tmp_path), "--out", str(tmp_path / "taken")], "not a folder", 2),
+                                (["view", str(tmp_path / "missing.png")], "no such file", 1)):
         proc = subprocess.run([sys.executable, "-m", "napari_bach", *argv], capture_output=True, text=True)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.returncode == code and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_help_is_plain_text_with_every_option_explained():

@@ -45,6 +45,7 @@ def segmented(make_napari_viewer, qtbot, tiny_checkpoint):
     rgb, _ = synthetic_he((180, 220), seed=11)
     viewer.add_image(rgb, name="b007", rgb=True, scale=(0.42, 0.42), metadata={"mpp": 0.42, "tissue_class": "Benign"})
     seg = SegmentWidget(viewer)
+    seg.tissue_model = None  # no tissue classifier: the report says "not trained"
     viewer.window.add_dock_widget(seg)
     seg.model.use_file(tiny_checkpoint)
     seg._score.value = 0.05
@@ -118,8 +119,13 @@ def test_invalid_labels_are_refused_by_the_widget(segmented, tmp_path):
     assert not (tmp_path / "ds").exists()
 
 
-def test_figure_and_report_contain_what_the_widget_shows(segmented, tmp_path):
+def test_figure_and_report_contain_what_the_widget_shows(segmented, tmp_path, monkeypatch):
+    import napari_bach._qt.curate_widget as curate
+
     viewer, cur = segmented
+    written = {}
+    real_report = curate.write_report
+    monkeypatch.setattr(curate, "write_report", lambda *a: written.setdefault("settings", a[-1]) and real_report(*a))
     cur._figure.value = str(tmp_path / "full.png")
     cur.save_figure()
     cur._figure_mode.value = VIEW
@@ -136,6 +142,8 @@ def test_figure_and_report_contain_what_the_widget_shows(segmented, tmp_path):
     assert f"{n} nuclei" in cur._status.value
     pdf = (tmp_path / "report.pdf").read_bytes()
     assert pdf.startswith(b"%PDF") and f"nuclei={n}".encode() in pdf and b"tissue_class=not trained" in pdf
+    # the page names the minimum area the nuclei were kept at, in µm² and px (issue 28.22)
+    assert "µm²" in written["settings"]["Minimum nucleus area"]
     rows = (tmp_path / "report_nuclei.csv").read_text().splitlines()
     assert len(rows) == n + 1 and rows[0].startswith("index,score,area_um2")
     import json
@@ -166,6 +174,7 @@ def test_typed_pixel_size_reaches_edits_export_and_report(make_napari_viewer, qt
     rgb, _ = synthetic_he((160, 200), seed=12)
     viewer.add_image(rgb, name="plain", rgb=True)
     seg = SegmentWidget(viewer)
+    seg.tissue_model = None  # no tissue classifier: the report says "not trained"
     viewer.window.add_dock_widget(seg)
     assert seg._mpp.native.text() == "unknown" and seg.pixel_size().mpp is None  # no silent 0.42
     seg.model.use_file(tiny_checkpoint)
@@ -201,6 +210,7 @@ def test_unknown_pixel_size_measures_in_pixels_everywhere(make_napari_viewer, qt
     viewer = make_napari_viewer()
     viewer.add_image(synthetic_he((120, 150), seed=13)[0], name="plain", rgb=True)
     seg = SegmentWidget(viewer)
+    seg.tissue_model = None  # no tissue classifier: the report says "not trained"
     seg.model.use_file(tiny_checkpoint)
     seg._score.value = 0.05
     seg.run()

@@ -238,9 +238,13 @@ class CurateWidget(Container):
         _, probs = self.tissue_class()
         self.numbers = report_numbers(rgb, table, self.pixel_size().mpp, probs)
         m = nuclei.metadata
+        mpp = self.pixel_size().mpp
+        min_area = m.get("min_area_px")
         settings = {"Model": m.get("model", "unknown"), "Score threshold": m.get("score_threshold"),
-                    "NMS IoU": m.get("nms_iou"), "Tissue class chosen by user": self._tissue.value
-                    if self._tissue.value != FROM_MODEL else "no"}
+                    "NMS IoU": m.get("nms_iou"),
+                    "Minimum nucleus area": "not recorded" if min_area is None else
+                    (f"{min_area * mpp**2:.3g} µm² ({min_area:.0f} px)" if mpp else f"{min_area:.0f} px"),
+                    "Tissue class chosen by user": self._tissue.value if self._tissue.value != FROM_MODEL else "no"}
         write_report(path, image.name, rgb, np.asarray(nuclei.data), self.numbers, settings)
         csv_path = write_nuclei_csv(path.with_name(f"{path.stem}_nuclei.csv"), table)
         seg = segmentation_from_labels(np.asarray(nuclei.data), pixel_size=self.pixel_size())

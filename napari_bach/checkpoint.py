@@ -6,8 +6,6 @@ all, so the plugin never presents random weights or an untrained tissue head as 
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .config import ModelConfig
 from .model import BachMaskRCNN, build_model
 
@@ -61,14 +60,7 @@ def save_checkpoint(path: str | Path, model: BachMaskRCNN, info: ModelInfo, half
                "info": info.__dict__.copy(), "state_dict": state}
     if train_state is not None:
         payload["train_state"] = train_state
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,29 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class OutputClash(ValueError):
-    """Two inputs would write the same output files, or a slide's output folder holds
-    another run's results: refused before any work, exit code 2."""
+    """Two inputs would write the same output files, the output folder holds an earlier
+    run's results for an input (without ``overwrite``) or cannot be written, or a slide's
+    output folder holds another run's results: refused before any work, exit code 2."""
+
+
+IMAGE_OUTPUTS = ("_labels.tif", "_nuclei.csv", "_nuclei.geojson", "_tissue.geojson")
+
+
+def _check_outputs(jobs: list[Job], out: Path, overwrite: bool) -> None:
+    """Before any work: the folder can be written, and no image's results from an earlier
+    run would be silently replaced (slides have their own resume rules)."""
+    if not overwrite:
+        taken = [job.output(out, suffix) for job in jobs for suffix in IMAGE_OUTPUTS
+                 if job.output(out, suffix).exists()]
+        if taken:
+            raise OutputClash(f"{len(taken)} result files of an earlier run are in {out} (e.g. {taken[0]}): "
+                              "choose another --out, or --overwrite to replace them")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise OutputClash(f"cannot write into {out}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)
@@ -157,7 +179,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
                   mpp: float | None = None, thresholds: Thresholds = Thresholds(), device: str = "cpu",
                   log: Callable[[str], None] = print, progress: bool = False,
                   slides: SlideOptions = SlideOptions(), tta: bool = False,
-                  tissue_model: str | Path | None = DEFAULT_TISSUE_MODEL) -> tuple[Path, int]:
+                  tissue_model: str | Path | None = DEFAULT_TISSUE_MODEL, overwrite: bool = False) -> tuple[Path, int]:
     """Segment every image and slide; write ``<stem>_labels.tif``, ``<stem>_nuclei.csv`` and
     ``<stem>_nuclei.geojson`` (QuPath; slides: ``_labels.zarr`` instead of the TIFF) beside the input's
     relative path under ``out``, and ``summary.csv`` with each image's tissue class (from
@@ -165,9 +187,14 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     the map's fields as QuPath annotations) and a warning for colours unlike the training
     images'. ``mpp`` is used for files that do not say. Returns the summary path and the
     number of inputs that failed. Raises :class:`OutputClash` before any work when two
-    inputs would write the same files."""
+    inputs would write the same files, ``out`` cannot be written, or it holds earlier
+    results for these images (unless ``overwrite``). Every file is written under a
+    temporary name and renamed: a full disk leaves no half file, that image is reported
+    failed and the others are still tried. ``summary.csv`` keeps the rows of images of
+    earlier runs into ``out`` that this run did not redo."""
     from tqdm import tqdm
 
+    from .atomic import atomic_write
     from .checkpoint import cached_model
     from .colour import check_colours
     from .geojson import write_tissue_geojson
@@ -195,7 +222,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     slide_jobs = [job for job in jobs if is_slide(job.path)]
     jobs = [job for job in jobs if job not in slide_jobs]
     _check_slides(slide_jobs, out, cfg, info.name, mpp, thresholds, slides)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_outputs(jobs, out, overwrite)
     slide_rows, slide_failed = (segment_slides(slide_jobs, out, model_path, mpp, thresholds, device, slides, log,
                                                tissue_model if tissue else None) if slide_jobs else ([], 0))
     classes = list(tissue[0].config.classes if tissue else cfg.tissue_classes)
@@ -229,21 +256,28 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
                 "sizes in pixels only (give --mpp)")
         seg = det.refilter(limits.score, limits.nms_iou, min_area=limits.min_area_px(det.segmented_mpp, cfg)).consecutive()
         table = measure_nuclei(seg, hematoxylin(data.rgb, seg.labels > 0))
-        job.output(out, "").parent.mkdir(parents=True, exist_ok=True)
-        write_labels_tiff(job.output(out, "_labels.tif"), seg.labels, pixel_size.mpp)
-        write_nuclei_csv(job.output(out, "_nuclei.csv"), table)
-        write_geojson(job.output(out, "_nuclei.geojson"), seg, table, info.name)
+        probs, tmap = det.tissue_probs, None
+        if tissue is not None:  # at the µm/px the nuclei were segmented at (the estimate when unknown)
+            tmap = tissue_map(data.rgb, pixel_size.mpp or det.segmented_mpp or cfg.mpp, tissue[0])
+            probs = tmap.image_probs()
+        try:
+            job.output(out, "").parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(job.output(out, "_labels.tif"), lambda p: write_labels_tiff(p, seg.labels, pixel_size.mpp))
+            atomic_write(job.output(out, "_nuclei.csv"), lambda p: write_nuclei_csv(p, table))
+            atomic_write(job.output(out, "_nuclei.geojson"), lambda p: write_geojson(p, seg, table, info.name))
+            if tmap is not None and len(tmap.windows) > 1:
+                atomic_write(job.output(out, "_tissue.geojson"),
+                             lambda p: write_tissue_geojson(p, tmap.windows, tmap.probs, tmap.classes))
+        except OSError as exc:  # a full disk, a folder made read-only meanwhile: this image fails, not the run
+            log(f"[{n}/{len(jobs)}] {job.path.name}: could not write its results ({exc.strerror or exc})")
+            rows.append({"image": str(job.path), "error": f"could not write results: {exc.strerror or exc}"})
+            failed += 1
+            continue
         row = {"image": str(job.path), "mpp": round(pixel_size.mpp, 4) if pixel_size.mpp else "",
                "mpp_source": pixel_size.source, "nuclei": len(seg.ids), "tissue_class": "not trained",
                "tissue_class_from_file": data.tissue_class or ""}
         if not pixel_size.known:
             row["note"] = unknown_scale_note(det.scale_estimate, cfg.mpp)
-        probs = det.tissue_probs
-        if tissue is not None:  # at the µm/px the nuclei were segmented at (the estimate when unknown)
-            tmap = tissue_map(data.rgb, pixel_size.mpp or det.segmented_mpp or cfg.mpp, tissue[0])
-            probs = tmap.image_probs()
-            if len(tmap.windows) > 1:
-                write_tissue_geojson(job.output(out, "_tissue.geojson"), tmap.windows, tmap.probs, tmap.classes)
         if probs is not None:
             row["tissue_class"] = classes[int(np.argmax(probs))]
             row.update({f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs)})
@@ -257,12 +291,25 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     total = len(jobs) + len(slide_jobs)
     fields = ["image", "mpp", "mpp_source", "nuclei", "tissue_class", *[f"p_{c}" for c in classes],
               "tissue_class_from_file", "colour_warning", "note", "error"]
-    with open(out / "summary.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = _earlier_rows(out / "summary.csv", {r["image"] for r in rows}, fields) + rows
+
+    def write_summary(path: Path) -> None:
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(out / "summary.csv", write_summary)
     log(f"{total - failed} of {total} images segmented, {failed} failed; summary: {out / 'summary.csv'}")
     return out / "summary.csv", failed
+
+
+def _earlier_rows(path: Path, redone: set[str], fields: list[str]) -> list[dict]:
+    """Rows of an existing ``summary.csv`` for images this run did not redo (kept, so a
+    folder's summary covers every image segmented into it)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r.get("image") not in redone]
 
 
 def display_problem() -> str | None:
@@ -441,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "µm/px is unknown; default: the model's own, 3 µm² for the shipped model)")
     s.add_argument("--device", type=_device, default="cpu", help="cpu, or cuda/mps where present (default: %(default)s)")
     s.add_argument("--tta", action="store_true", help="flip test-time augmentation: 4 passes per tile (images)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace results of an earlier run into --out for the same images (default: refuse)")
     w = s.add_argument_group("whole slides (.svs, .ndpi, .scn, pyramidal or very large TIFF)")
     w.add_argument("--roi", type=_roi, default=None, metavar="X0,Y0,X1,Y1",
                    help="segment only this box of each slide (level-0 pixels; default: all tissue)")
@@ -483,8 +532,12 @@ def main(argv: list[str] | None = None) -> int:
         _, failed = segment_files(args.inputs, args.out, args.model, args.mpp,
                                   Thresholds(args.score_threshold, args.nms_iou, args.min_area), args.device,
                                   log=lambda m: print(m, file=sys.stderr), progress=sys.stderr.isatty(), slides=slides,
-                                  tta=args.tta, tissue_model=None if args.tissue_model == "none" else args.tissue_model)
+                                  tta=args.tta, tissue_model=None if args.tissue_model == "none" else args.tissue_model,
+                                  overwrite=args.overwrite)
     except (CheckpointError, TissueModelError, OutputClash) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # summary.csv could not be written after all (the disk filled meanwhile)
+        print(f"error: could not write {exc.filename or 'the summary'}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_FAILED if failed else EXIT_OK

@@ -17,11 +17,12 @@ import getpass
 import json
 import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_folder, atomic_write
 
 FORMAT = "napari-bach-dataset"
 VERSION = 1
@@ -102,10 +103,7 @@ def _manifest(root: Path) -> dict:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def export_sample(root: str | Path, name: str, rgb: np.ndarray, labels: np.ndarray, mpp: float | None,
@@ -132,7 +130,7 @@ def export_sample(root: str | Path, name: str, rgb: np.ndarray, labels: np.ndarr
             target = root / f"{name}_v{k}"
         elif on_exists != "replace":
             raise SampleExistsError(f"{target} exists: choose to version it or replace it")
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
+    tmp = atomic_folder(root, target.name)
     try:
         Image.fromarray(rgb).save(tmp / "image.png")
         write_labels_tiff(tmp / "labels.tif", labels, mpp)

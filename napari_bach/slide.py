@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import Generator
 
 import numpy as np
 
+from .atomic import atomic_write
 from .config import Thresholds
 from .detections import Segmentation
 from .geojson import geojson_features, polygons
@@ -127,10 +126,7 @@ def existing_run(out_dir: str | Path, stem: str, settings: dict) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)))
 
 
 def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[int, int, int, int] | None = None,

@@ -19,8 +19,6 @@ The classifier is a checkpoint of its own (``models/tissue.pt``, trained by
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_write
 from .backbones import spec
 from .config import BACH_CLASSES
 
@@ -305,14 +304,7 @@ def save_tissue_model(path: str | Path, net: TissueNet, info: TissueInfo, half: 
              for k, v in net.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, "config": asdict(net.config), "info": asdict(info),
                "state_dict": state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 

@@ -178,3 +178,59 @@ def test_view_of_a_corrupt_image_fails_and_view_without_a_display_says_so(tmp_pa
     proc = subprocess.run([sys.executable, "-m", "napari_bach", "view"], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 2 and "xvfb-run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_used_out_is_refused_and_the_summary_keeps_earlier_images(tmp_path, tiny_checkpoint, capsys):
+    """Issue 28.5: a re-run silently overwrote the results, and another image's run
+    replaced summary.csv while the first image's files stayed."""
+    _png(tmp_path / "a.png", seed=1)
+    _png(tmp_path / "b.png", seed=2)
+    run = ["--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint), "--tissue-model", "none"]
+    assert main(["segment", str(tmp_path / "a.png"), *run]) == 0
+    before = (tmp_path / "o" / "a_labels.tif").read_bytes()
+    assert main(["segment", str(tmp_path / "a.png"), *run, "--score-threshold", "0.9"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "o" / "a_labels.tif").read_bytes() == before
+    assert main(["segment", str(tmp_path / "b.png"), *run]) == 0
+    with open(tmp_path / "o" / "summary.csv") as fh:
+        assert sorted(r["image"].rsplit("/", 1)[-1] for r in csv.DictReader(fh)) == ["a.png", "b.png"]
+    assert main(["segment", str(tmp_path / "a.png"), *run, "--overwrite"]) == 0
+
+
+def test_a_full_disk_fails_that_image_only_and_leaves_no_half_file(tmp_path, tiny_checkpoint, monkeypatch):
+    """Issue 28.7: a traceback, a truncated GeoJSON under its final name, no summary."""
+    import napari_bach.geojson as geojson
+
+    _png(tmp_path / "in" / "a.png", seed=1)
+    _png(tmp_path / "in" / "b.png", seed=2)
+    real = geojson.write_geojson
+
+    def full_for_a(path, *args):
+        if "a_nuclei" in str(path) or str(path).startswith(str(tmp_path / "o" / ".a_nuclei")):
+            path.write_text('{"type": "FeatureCollection", "feat')  # half written, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(path, *args)
+    monkeypatch.setattr(geojson, "write_geojson", full_for_a)
+    code = main(["segment", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint),
+                 "--tissue-model", "none"])
+    assert code == 1
+    left = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert "a_nuclei.geojson" not in left and not [n for n in left if n.startswith(".")]  # no half file, no temp
+    assert {"b_labels.tif", "b_nuclei.csv", "b_nuclei.geojson", "summary.csv"} <= set(left)
+    with open(tmp_path / "o" / "summary.csv") as fh:
+        rows = {r["image"].rsplit("/", 1)[-1]: r for r in csv.DictReader(fh)}
+    assert "No space left" in rows["a.png"]["error"] and rows["b.png"]["error"] == ""
+
+
+def test_a_read_only_out_is_a_message_and_exit_2(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """Issue 28.8: a raw OSError traceback, exit 1. (Root writes into read-only folders, so
+    the folder's refusal is simulated where the probe file is made.)"""
+    import napari_bach.cli as cli
+
+    _png(tmp_path / "a.png")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+    assert main(["segment", str(tmp_path / "a.png"), "--out", str(tmp_path / "ro"), "--model", str(tiny_checkpoint),
+                 "--tissue-model", "none"]) == 2
+    assert "cannot write into" in capsys.readouterr().err and not (tmp_path / "ro" / "summary.csv").exists()

@@ -45,6 +45,14 @@ def validate_labels(labels: np.ndarray, image_shape: tuple[int, ...]) -> np.ndar
     return labels.astype(np.int32)
 
 
+def check_sample_name(name: str) -> str:
+    """A sample is one folder inside the dataset: a name that is a path (``a/b``,
+    ``../x``) or hidden (``.x``, our temporary folders) would write elsewhere."""
+    if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\:\0"):
+        raise ValueError(f"{name!r} is not a sample name: use one folder name, without / \\ : or a leading dot")
+    return name
+
+
 def write_labels_tiff(path: str | Path, labels: np.ndarray, mpp: float | None) -> Path:
     """int32 instance labels, zlib-compressed, with µm/px in the resolution tags so QuPath
     and Fiji open them at scale."""
@@ -116,9 +124,12 @@ def export_sample(root: str | Path, name: str, rgb: np.ndarray, labels: np.ndarr
     from PIL import Image
 
     root = Path(root)
+    check_sample_name(name)
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"image must be RGB uint8, got {rgb.shape} {rgb.dtype}")
     labels = validate_labels(labels, rgb.shape)
+    if not labels.any():  # a sample that teaches "no nuclei here" is almost always a mistake
+        raise ValueError("the labels hold no nuclei: nothing to train on (segment or paint nuclei first)")
     root.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(root)
     target = root / name

@@ -104,7 +104,9 @@ def test_export_asks_and_cancel_writes_nothing(segmented, tmp_path, monkeypatch)
     before = (tmp_path / "ds" / "b007" / "labels.tif").read_bytes()
     monkeypatch.setattr(QMessageBox, "exec", lambda self: 0)  # the user closes the question: cancel
     monkeypatch.setattr(QMessageBox, "clickedButton", lambda self: None)
-    viewer.layers["b007 nuclei"].data = np.zeros_like(viewer.layers["b007 nuclei"].data)
+    edited = np.array(viewer.layers["b007 nuclei"].data)
+    edited[edited == edited.max()] = 0  # the user deleted a nucleus, then exports again under the same name
+    viewer.layers["b007 nuclei"].data = edited
     assert cur.export() is None and "cancelled" in cur._status.value
     assert (tmp_path / "ds" / "b007" / "labels.tif").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["b007", "manifest.json"]
@@ -234,3 +236,52 @@ def test_saving_into_a_missing_folder_is_a_message(segmented, tmp_path):
     cur._report.value = str(tmp_path / "nowhere" / "r.pdf")
     assert cur.save_report() is None and "does not exist" in cur._status.value
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_existing_report_files_are_replaced_only_when_the_user_says_so(segmented, tmp_path, monkeypatch):
+    """Issue 28.6: the report overwrote an existing PDF/CSV/GeoJSON without asking."""
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer, cur = segmented
+    (tmp_path / "r_nuclei.csv").write_text("mine")
+    cur._report.value = str(tmp_path / "r.pdf")
+    monkeypatch.setattr(QMessageBox, "exec", lambda self: 0)
+    monkeypatch.setattr(QMessageBox, "clickedButton", lambda self: None)  # the user cancels
+    assert cur.save_report() is None and "you kept them" in cur._status.value
+    assert (tmp_path / "r_nuclei.csv").read_text() == "mine" and not (tmp_path / "r.pdf").exists()
+    monkeypatch.setattr(QMessageBox, "clickedButton", lambda self: next(b for b in self.buttons() if b.text() == "Replace"))
+    assert cur.save_report() == tmp_path / "r.pdf" and (tmp_path / "r_nuclei.csv").read_text() != "mine"
+
+
+def test_dock_failures_are_said_in_the_dock(segmented, tmp_path, monkeypatch):
+    """Issue 28.10: a read-only folder raised uncaught errors under an unrelated status."""
+    import napari_bach._qt.curate_widget as curate
+
+    viewer, cur = segmented
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(curate, "write_report", refuse)
+    cur._report.value = str(tmp_path / "r.pdf")
+    assert cur.save_report() is None and "report not saved" in cur._status.value and "Permission" in cur._status.value
+    monkeypatch.setattr(curate, "export_sample", refuse)
+    cur._dataset.value = str(tmp_path / "ds")
+    assert cur.export() is None and "not exported" in cur._status.value and "Permission" in cur._status.value
+
+
+@pytest.mark.parametrize("name", ["../escaped_sample", "a/b", ".hidden", "..", "c:d"])
+def test_sample_names_stay_inside_the_dataset(segmented, tmp_path, name):
+    """Issue 28.9: '../x' was written outside the dataset and into the manifest."""
+    viewer, cur = segmented
+    cur._dataset.value = str(tmp_path / "ds")
+    cur._sample.value = name
+    assert cur.export() is None and "not a sample name" in cur._status.value
+    assert not (tmp_path / "escaped_sample").exists() and not (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_labels_without_nuclei_are_not_exported(segmented, tmp_path):
+    """Issue 28.18: an all-zero labels layer became a training sample with 0 nuclei."""
+    viewer, cur = segmented
+    viewer.layers["b007 nuclei"].data = np.zeros_like(viewer.layers["b007 nuclei"].data)
+    cur._dataset.value = str(tmp_path / "ds")
+    assert cur.export() is None and "no nuclei" in cur._status.value

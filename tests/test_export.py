@@ -53,7 +53,7 @@ def test_export_refuses_to_clobber_and_can_version(tmp_path):
     first = export_sample(tmp_path, "a", rgb, labels, 0.42)
     before = (first / "labels.tif").read_bytes()
     with pytest.raises(SampleExistsError):
-        export_sample(tmp_path, "a", rgb, np.zeros_like(labels), 0.42)
+        export_sample(tmp_path, "a", rgb, labels[::-1].copy(), 0.42)
     assert (first / "labels.tif").read_bytes() == before
     assert export_sample(tmp_path, "a", rgb, labels, 0.42, on_exists="version").name == "a_v2"
     assert len(list_samples(tmp_path)) == 2
@@ -94,3 +94,23 @@ def test_qupath_polygons_are_the_masks_exactly_with_corners_only():
     straight = np.zeros((12, 12), np.int32)
     straight[2:9, 3:10] = 1  # a square: four sides and four half-pixel corner cuts, closed
     assert len(polygons(straight, np.array([1]), (0, 0))[0]) == 9
+
+
+def test_exported_samples_and_models_are_readable_by_others_under_the_usual_umask(tmp_path):
+    """Issue 28.17: sample folders were created 0700 and manifest.json 0600."""
+    import os
+    import stat
+
+    from napari_bach.tissue import TissueConfig, TissueInfo, TissueNet, save_tissue_model
+
+    old = os.umask(0o022)
+    try:
+        rgb, labels = synthetic_he((64, 64), seed=1)
+        folder = export_sample(tmp_path / "ds", "s1", rgb, labels, 0.5)
+        model = save_tissue_model(tmp_path / "t.pt", TissueNet(TissueConfig.for_backbone("efficientnet_lite0")),
+                                  TissueInfo())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    for path in (tmp_path / "ds" / "manifest.json", folder / "meta.json", model):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

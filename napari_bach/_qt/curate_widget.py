@@ -204,7 +204,7 @@ class CurateWidget(Container):
             if box.clickedButton() not in (version, replace):
                 return self._say("export cancelled; nothing written")
             folder = export_sample(*args, on_exists="version" if box.clickedButton() is version else "replace")
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # a read-only or full dataset folder too: said here
             return self._say(f"not exported: {exc}")
         self._say(f"exported {folder}")
         recent["dataset"] = str(Path(self._dataset.value))  # Fine-tune on corrections starts from it
@@ -215,13 +215,33 @@ class CurateWidget(Container):
             path = check_output_file(Path(self._figure.value), ".png")
         except ValueError as exc:
             return self._say(str(exc))
+        if not self._may_replace([path]):
+            return self._say("not saved: the file exists and you kept it")
         self._viewer.scale_bar.visible = True
-        if self._figure_mode.value == FULL:
-            self._viewer.export_figure(str(path))
-        else:
-            self._viewer.screenshot(str(path), canvas_only=True)
+        try:
+            if self._figure_mode.value == FULL:
+                self._viewer.export_figure(str(path))
+            else:
+                self._viewer.screenshot(str(path), canvas_only=True)
+        except OSError as exc:
+            return self._say(f"figure not saved: {exc}")
         self._say(f"saved {path}")
         return path
+
+    def _may_replace(self, paths: list[Path]) -> bool:
+        """Existing files are replaced only when the user says so (issue 28.6)."""
+        existing = [p for p in paths if p.exists()]
+        if not existing:
+            return True
+        from qtpy.QtWidgets import QMessageBox
+
+        box = QMessageBox(QMessageBox.Icon.Question, "Replace files?",
+                          "These files exist and would be replaced:\n" + "\n".join(p.name for p in existing),
+                          parent=self.native)
+        replace = box.addButton("Replace", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.exec()
+        return box.clickedButton() is replace
 
     def save_report(self) -> Path | None:
         try:
@@ -232,6 +252,9 @@ class CurateWidget(Container):
             path = check_output_file(Path(self._report.value), ".pdf")
         except ValueError as exc:
             return self._say(str(exc))
+        outputs = [path, path.with_name(f"{path.stem}_nuclei.csv"), path.with_name(f"{path.stem}_nuclei.geojson")]
+        if not self._may_replace(outputs):
+            return self._say("report not saved: its files exist and you kept them")
         self.sync()
         rgb = layer_rgb(image)
         table = {c: np.asarray(nuclei.features[c]) for c in nuclei.features.columns}
@@ -245,10 +268,13 @@ class CurateWidget(Container):
                     "Minimum nucleus area": "not recorded" if min_area is None else
                     (f"{min_area * mpp**2:.3g} µm² ({min_area:.0f} px)" if mpp else f"{min_area:.0f} px"),
                     "Tissue class chosen by user": self._tissue.value if self._tissue.value != FROM_MODEL else "no"}
-        write_report(path, image.name, rgb, np.asarray(nuclei.data), self.numbers, settings)
-        csv_path = write_nuclei_csv(path.with_name(f"{path.stem}_nuclei.csv"), table)
-        seg = segmentation_from_labels(np.asarray(nuclei.data), pixel_size=self.pixel_size())
-        geojson = write_geojson(path.with_name(f"{path.stem}_nuclei.geojson"), seg, table, m.get("model_name", ""))
+        try:
+            write_report(path, image.name, rgb, np.asarray(nuclei.data), self.numbers, settings)
+            csv_path = write_nuclei_csv(outputs[1], table)
+            seg = segmentation_from_labels(np.asarray(nuclei.data), pixel_size=self.pixel_size())
+            geojson = write_geojson(outputs[2], seg, table, m.get("model_name", ""))
+        except OSError as exc:  # a read-only or full folder: said in this dock, nothing else changes
+            return self._say(f"report not saved: {exc}")
         n = self.numbers
         self._say(f"saved {path.name}, {csv_path.name} and {geojson.name} (QuPath): {n['nuclei']} nuclei"
                   + (f", {n['density_per_tissue_mm2']:.0f}/mm² tissue" if n.get("mpp") else ""))

@@ -36,9 +36,10 @@ class ModelInfo:
     data: str = ""
     license: str = ""
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    steps: int = 0
+    steps: int = 0  # every training step behind these weights, warm starts included
     metrics: dict = field(default_factory=dict)
     notes: str = ""
+    hours: float = 0.0  # training time behind these weights, warm starts included (0: not recorded)
 
     @property
     def status(self) -> str:
@@ -46,7 +47,8 @@ class ModelInfo:
         if not self.nuclei_trained:
             return f"{self.name}: UNTRAINED weights, masks are meaningless"
         tissue = "tissue class trained" if self.tissue_trained else "tissue class not trained"
-        return f"{self.name}: nuclei trained ({self.steps} steps), {tissue}"
+        trained = f"{self.steps} steps" + (f" in {self.hours:.1f} h" if self.hours else "")
+        return f"{self.name}: nuclei trained ({trained}), {tissue}"
 
 
 def save_checkpoint(path: str | Path, model: BachMaskRCNN, info: ModelInfo, half: bool = False,

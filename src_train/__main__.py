@@ -271,7 +271,11 @@ def cmd_ship(args) -> int:
         with open(args.log) as fh:
             rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= info.steps]
         hours = sum(float(r["seconds"]) for r in rows) / 3600
-        info.notes += f"; {info.steps} steps in {hours:.1f} h of CPU training"
+        info.notes += f"; {len(rows)} steps in {hours:.1f} h of CPU training"
+        info.hours = info.hours or hours  # checkpoints of older runs recorded no hours
+    if args.prior_steps or args.prior_hours:  # weights trained before totals were recorded
+        info.steps += args.prior_steps
+        info.hours += args.prior_hours
     if args.name:
         info.name = args.name
     if args.data:
@@ -533,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--metrics-command", default=None, help="the evaluate command, recorded with the metrics")
     s.add_argument("--log", default=None, help="the run's log.csv, for the training time")
     s.add_argument("--name", default=None)
+    s.add_argument("--prior-steps", type=int, default=0,
+                   help="training steps behind the run's starting weights that the checkpoint does not record")
+    s.add_argument("--prior-hours", type=float, default=0.0,
+                   help="training hours behind the run's starting weights that the checkpoint does not record")
     s.add_argument("--data", default=None, help="describe the training data (default: as recorded by train)")
     s.add_argument("--score-threshold", type=float, default=None, help="the shipped model's default score threshold")
     s.add_argument("--config", action="append", type=_setting, metavar="KEY=VALUE",

@@ -197,6 +197,7 @@ class Trainer:
         self.step, self.best, self.bad_validations, self.history = 0, -1.0, 0, []
         self.seconds = 0.0  # training time so far (this and earlier sessions), for --max-hours
         self.start_note = f"from ImageNet ({pretrained})" if pretrained else "from scratch"
+        self.prior_steps, self.prior_hours = 0, 0.0  # training behind a warm start's weights
         self.drawn = {"nuclei": 0, "tissue": 0}  # batches taken from each stream: where a resume continues
         self._streams = {"nuclei": CropStream(self.train, cfg.augment, cfg.seed, self.dist.rank),
                          "tissue": CropStream(self.tissue, cfg.augment, cfg.seed + 1, self.dist.rank)}
@@ -206,7 +207,8 @@ class Trainer:
     def info(self, metrics: dict | None = None) -> ModelInfo:
         return ModelInfo(name=f"{self.model_cfg.backbone}-nuclei", nuclei_trained=self.step > 0 and bool(self.train),
                          tissue_trained=self.step > 0 and bool(self.tissue), data=self.data_note,
-                         license=self.license, steps=self.step, metrics=metrics or {},
+                         license=self.license, steps=self.prior_steps + self.step, metrics=metrics or {},
+                         hours=self.prior_hours + self.seconds / 3600,
                          notes=f"trained {self.start_note} by src_train, seed {self.cfg.seed}, "
                                f"{self.step} steps in {self.seconds / 3600:.2f} h")
 
@@ -225,7 +227,7 @@ class Trainer:
                      "torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(self.rng.bit_generator.state),
                      "python_rng": json.dumps(random.getstate()), "train_config": json.dumps(asdict(self.cfg)),
                      "drawn": json.dumps(self.drawn), "world": self.dist.world, "seconds": self.seconds,
-                     "start_note": self.start_note}
+                     "start_note": self.start_note, "prior": [self.prior_steps, self.prior_hours]}
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
                 state["weights"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -248,6 +250,7 @@ class Trainer:
         self.step, self.best, self.bad_validations = int(st["step"]), float(st["best"]), int(st["bad_validations"])
         self.seconds = float(st.get("seconds", 0.0))
         self.start_note = st.get("start_note", self.start_note)  # a resumed warm start still says where it began
+        self.prior_steps, self.prior_hours = st.get("prior", [0, 0.0])
         self.history = json.loads(st["history"])
         torch.set_rng_state(st["torch_rng"])
         self.rng.bit_generator.state = json.loads(st["numpy_rng"])
@@ -272,6 +275,7 @@ class Trainer:
             self.ema.module.load_state_dict(state, strict=False)
         prior = payload.get("info", {})
         self.start_note = f"warm-started from {Path(path).name} ({prior.get('name', '?')}, {prior.get('steps', 0)} steps)"
+        self.prior_steps, self.prior_hours = int(prior.get("steps", 0)), float(prior.get("hours", 0.0))
         return len(state)
 
     def progress(self) -> float:

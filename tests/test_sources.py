@@ -136,7 +136,13 @@ def test_train_on_a_data_list_validates_per_group_then_warm_starts_on_a_time_bud
     assert "warm-started from last.pt" in payload["info"]["notes"]
     assert main(["train", *common, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a" / "last.pt"),
                  "--max-hours", "0.001", "--val-every-steps", "1000", "--fpn-channels", "64", "--resume"]) == 0
-    assert "warm-started from last.pt" in read_checkpoint(tmp_path / "b" / "last.pt")["info"]["notes"]  # kept on resume
+    resumed = read_checkpoint(tmp_path / "b" / "last.pt")
+    assert "warm-started from last.pt" in resumed["info"]["notes"]  # kept on resume
+    # warm starts add up (issue 28.12): the first run's 2 steps and hours are behind the second's
+    first = read_checkpoint(tmp_path / "a" / "last.pt")["info"]
+    assert first["steps"] == 2 and first["hours"] > 0
+    assert resumed["info"]["steps"] == 2 + resumed["train_state"]["step"]
+    assert resumed["info"]["hours"] == pytest.approx(first["hours"] + resumed["train_state"]["seconds"] / 3600)
     assert 1.8 <= payload["train_state"]["seconds"] < 30  # stopped once 1.8 s of training were spent
     assert (tmp_path / "b" / "best.pt").exists()  # the final weights were validated
     # evaluate on the same held-out groups: each reported apart, with the sweep of group means

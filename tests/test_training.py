@@ -84,7 +84,9 @@ def test_augmentation_keeps_image_masks_and_boxes_aligned():
     rgb, labels = synthetic_he((300, 300), mpp=0.4, seed=2)
     gen = torch.Generator().manual_seed(5)
     for _ in range(4):
-        img, lab = augment(to_tensor(rgb), torch.from_numpy(labels), gen, AugmentConfig(crop=160, scale=(0.8, 1.25)))
+        # geometry is under test: colour as mild as v9's recipe, so "dark" still means hematoxylin
+        cfg = AugmentConfig(crop=160, scale=(0.8, 1.25), hue=0.04, stain_sigma=0.1, gray_p=0.0)
+        img, lab = augment(to_tensor(rgb), torch.from_numpy(labels), gen, cfg)
         img = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         lab = lab.numpy().astype(np.int32)
         dark = img.astype(int).sum(-1) < 450  # hematoxylin-dark pixels
@@ -271,7 +273,7 @@ def test_small_images_fill_a_mosaic_of_four_with_their_nuclei_apart():
 
     small = _synthetic_samples(3, size=90)
     big = _synthetic_samples(1, size=192, seed=5)
-    cfg = AugmentConfig(crop=128, mosaic=True, scale=(1.0, 1.0), rotate=False)
+    cfg = AugmentConfig(crop=128, mosaic=True, scale=(1.0, 1.0), rotate=False, hue=0.04, stain_sigma=0.1, gray_p=0.0)
     mixed = CropStream(small + big, cfg, seed=1)
     assert mixed.small.tolist() == [True, True, True, False]
     assert mixed.weights.tolist() == [0.25, 0.25, 0.25, 1.0]  # a mosaic shows four: drawn a quarter as often
@@ -418,7 +420,7 @@ def test_scanner_cast_scales_each_channel_optical_density_and_is_off_by_default(
     rgb, _ = synthetic_he((48, 48), mpp=0.4, seed=2)
     x = to_tensor(rgb)
     plain = AugmentConfig(stain_sigma=0.0, hue=0.0, saturation=0.0, contrast=0.0, brightness=0.0, blur_p=0.0,
-                          sharpen_p=0.0, jpeg_p=0.0)
+                          sharpen_p=0.0, jpeg_p=0.0, gray_p=0.0)
     torch.testing.assert_close(jitter_colour(x, torch.Generator().manual_seed(0), plain), x)  # off: untouched
     cast = AugmentConfig(**{**plain.__dict__, "scanner_cast": 0.3})
     y = jitter_colour(x, torch.Generator().manual_seed(0), cast)

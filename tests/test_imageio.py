@@ -123,3 +123,21 @@ def test_opaque_rgba_needs_no_compositing(tmp_path):
     path = tmp_path / "opaque.png"
     Image.fromarray(np.full((4, 4, 4), 255, np.uint8)).save(path)
     assert read_image(path).notices == []
+
+
+def test_glass_rule_adapts_to_a_scanner_whose_glass_is_grey():
+    """Issue 28.4: BACH slide crops' glass is about (217, 213, 212), under the fixed 220, so a
+    crop that is ~30% glass was counted ~99% tissue."""
+    from napari_bach.imageio import glass_level, is_tissue
+    from napari_bach.synthetic import synthetic_he
+
+    rng = np.random.default_rng(0)
+    tissue, _ = synthetic_he((200, 300), seed=2)
+    tissue = np.where(tissue.min(-1, keepdims=True) > 185, np.array([225, 160, 200], np.uint8), tissue)  # all stained
+    glass = np.clip(np.array([217, 213, 212]) + rng.normal(0, 2, (200, 130, 3)), 0, 255).astype(np.uint8)
+    crop = np.concatenate([tissue, glass], axis=1)  # 130 / 430 = 30% glass
+    assert 190 < glass_level(crop) < 205
+    assert is_tissue(crop).mean() == pytest.approx(300 / 430, abs=0.03)
+    white = np.concatenate([tissue, np.full((200, 130, 3), 245, np.uint8)], axis=1)
+    assert glass_level(white) == 220 and is_tissue(white).mean() == pytest.approx(300 / 430, abs=0.03)
+    assert glass_level(tissue) == 220  # no glass: the fixed level, nothing of the tissue lost

@@ -142,24 +142,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_cv(args) -> int:
-    """k-fold cross-validation of the tissue head on BACH-style folders."""
-    from .crossval import tissue_cross_validation
-    from .datasets import load_bach
-
-    if not args.bach or not args.folds:
-        print("cv needs --bach and --folds k", file=sys.stderr)
-        return 2
-    model_cfg, cfg = _configs(args)
-    result = tissue_cross_validation(load_bach(args.bach), args.folds, model_cfg, cfg, args.seed,
-                                     log=lambda m: print(m, file=sys.stderr))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "cv.json").write_text(json.dumps(result, indent=1))
-    print(f"tissue accuracy {result['accuracy_mean']:.3f} ± {result['accuracy_sd']:.3f} over {args.folds} folds; "
-          f"macro ROC-AUC {result['pooled']['macro']['roc_auc']:.3f}; confusion {result['pooled']['confusion']}")
-    return 0
-
-
 def cmd_evaluate(args) -> int:
     """The held-out split of the same sources and seed as training (or every image)."""
     from .datasets import load_bach, stratified_split
@@ -421,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--exported", action="append", help="dataset folder exported by the napari plugin")
         p.add_argument("--masks", nargs=2, action="append", metavar=("IMAGES", "MASKS"), help="image and mask folders")
         p.add_argument("--masks-mpp", type=float, default=0.42, help="µm/px of --masks images without tags")
-        p.add_argument("--bach", help="BACH folder with Normal/ Benign/ InSitu/ Invasive/")
+        p.add_argument("--bach", help="BACH folder (Normal/ Benign/ InSitu/ Invasive/ TIFFs) for the Mask R-CNN's "
+                                      "own tissue head; the shipped tissue class is trained by `tissue`")
         p.add_argument("--val-fraction", type=float, default=0.2)
         p.add_argument("--folds", type=int, default=None, help="k-fold instead of a single split")
         p.add_argument("--fold", type=int, default=0)
@@ -491,9 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train a model")
     train_args(t)
     t.set_defaults(func=cmd_train)
-    c = sub.add_parser("cv", help="k-fold cross-validation of the tissue head (--bach, --folds k)")
-    train_args(c)
-    c.set_defaults(func=cmd_cv)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out data")
     data_args(e)

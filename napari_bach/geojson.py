@@ -16,8 +16,10 @@ from .detections import Segmentation
 from .measure import COLUMNS
 
 
-def polygons(labels: np.ndarray, ids: np.ndarray, offset: tuple[int, int]) -> list[list[list[float]]]:
-    """One closed outer ring per nucleus (x, y in level-0 pixels), from its mask's contour.
+def polygons(labels: np.ndarray, ids: np.ndarray, offset: tuple[int, int]) -> list[list[list[list[float]]]]:
+    """Closed outer rings per nucleus (x, y in level-0 pixels), one per connected piece of
+    its mask: a label painted in scattered strokes is every piece (a MultiPolygon), not the
+    largest one alone.
 
     The labels are padded once (a nucleus at the edge still gets a closed contour) and the
     corner filter runs once over all contours: per-nucleus numpy calls cost more than the
@@ -29,13 +31,20 @@ def polygons(labels: np.ndarray, ids: np.ndarray, offset: tuple[int, int]) -> li
         return []
     padded = np.pad(labels, 1)
     slices = ndimage.find_objects(labels)
-    contours = []
-    for i in ids:
+    contours, owner = [], []
+    for k, i in enumerate(ids):
         ys, xs = slices[i - 1]  # in ``padded`` this window has a one-pixel ring around it
         mask = (padded[ys.start : ys.stop + 2, xs.start : xs.stop + 2] == i).view(np.uint8)
-        contour = max(find_contours(mask, 0.5), key=len)
-        contours.append(contour + (ys.start - 1 + offset[0], xs.start - 1 + offset[1]))
-    return [np.round(ring[:, ::-1], 2).tolist() for ring in _corners(contours)]
+        pieces, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        for piece in range(1, n + 1):
+            part = mask if n == 1 else (pieces == piece).view(np.uint8)
+            contour = max(find_contours(part, 0.5), key=len)
+            contours.append(contour + (ys.start - 1 + offset[0], xs.start - 1 + offset[1]))
+            owner.append(k)
+    rings: list[list] = [[] for _ in ids]
+    for k, ring in zip(owner, _corners(contours)):
+        rings[k].append(np.round(ring[:, ::-1], 2).tolist())
+    return rings
 
 
 def _corners(contours: list[np.ndarray]) -> list[np.ndarray]:
@@ -59,15 +68,17 @@ def _corners(contours: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def geojson_features(rings: list, table: dict, ids, model_name: str) -> list[dict]:
-    """QuPath detections: a polygon, ``objectType: detection``, measurements and score;
-    ``ids`` are the nuclei's label ids, in the order of ``rings`` and ``table``'s rows."""
+    """QuPath detections: a polygon (a MultiPolygon for a nucleus in pieces), ``objectType:
+    detection``, measurements and score; ``ids`` are the nuclei's label ids, in the order of
+    ``rings`` (each nucleus's list of rings) and ``table``'s rows."""
     features = []
     keys = [c for c in COLUMNS if c not in ("index", "box_x0", "box_y0", "box_x1", "box_y1")]
     for k, (ring, label) in enumerate(zip(rings, ids)):
         label = int(label)
         measurements = {c: float(table[c][k]) for c in keys if np.isfinite(table[c][k])}
-        features.append({"type": "Feature", "id": f"nucleus-{label}",
-                         "geometry": {"type": "Polygon", "coordinates": [ring]},
+        geometry = ({"type": "Polygon", "coordinates": [ring[0]]} if len(ring) == 1
+                    else {"type": "MultiPolygon", "coordinates": [[r] for r in ring]})
+        features.append({"type": "Feature", "id": f"nucleus-{label}", "geometry": geometry,
                          "properties": {"objectType": "detection", "name": f"nucleus {label}",
                                         "classification": {"name": "Nucleus", "color": [0, 200, 0]},
                                         "measurements": measurements, "label": label,

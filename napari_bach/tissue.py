@@ -250,7 +250,7 @@ def classify_image(rgb: np.ndarray, mpp: float, path: str | Path = DEFAULT_TISSU
 
 
 def iter_slide_tissue_map(slide, net: TissueNet, region: tuple[int, int, int, int] | None = None,
-                          mpp: float | None = None, chunk: int = 4):
+                          mpp: float | None = None, chunk: int = 6):
     """The tissue map of a slide's ``region`` (y0 x0 y1 x1 level-0 px; default all of it),
     with memory bounded whatever the slide: the window grid is cut into chunks of
     ``chunk``×``chunk`` windows, each read once at the pyramid level nearest the trunk's

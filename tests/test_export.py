@@ -84,8 +84,9 @@ def test_qupath_polygons_are_the_masks_exactly_with_corners_only():
     ids = np.unique(labels)[1:]
     rings = polygons(labels, ids, (10, 20))
     slices = ndimage.find_objects(labels)
-    for i, ring in zip(ids, rings):
-        ring = np.array(ring)
+    for i, nucleus in zip(ids, rings):
+        assert len(nucleus) == 1  # synthetic nuclei are one piece each
+        ring = np.array(nucleus[0])
         assert (ring[0] == ring[-1]).all() and len(ring) >= 4
         sl = slices[i - 1]
         ys, xs = np.mgrid[sl[0], sl[1]]
@@ -93,7 +94,34 @@ def test_qupath_polygons_are_the_masks_exactly_with_corners_only():
         assert (inside == (labels[sl] == i)).all()
     straight = np.zeros((12, 12), np.int32)
     straight[2:9, 3:10] = 1  # a square: four sides and four half-pixel corner cuts, closed
-    assert len(polygons(straight, np.array([1]), (0, 0))[0]) == 9
+    assert len(polygons(straight, np.array([1]), (0, 0))[0][0]) == 9
+
+
+def test_a_nucleus_in_pieces_is_a_multipolygon_covering_every_piece(tmp_path):
+    """Issue 28.21: a label of scattered strokes became one polygon of one piece (IoU 0.32)."""
+    import json
+
+    from matplotlib.path import Path as Polygon
+
+    from napari_bach.detections import Segmentation
+    from napari_bach.geojson import write_geojson
+    from napari_bach.measure import measure_nuclei
+
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:12, 5:12] = 1
+    labels[20:30, 30:45] = 1  # the same label, a second stroke
+    labels[30:36, 5:9] = 2
+    seg = Segmentation(labels, np.array([1, 2]), np.array([[5, 5, 45, 30], [5, 30, 9, 36]], float),
+                       np.array([0.9, 0.8]))
+    path = write_geojson(tmp_path / "n.geojson", seg, measure_nuclei(seg, np.zeros(labels.shape)))
+    first, second = json.loads(path.read_text())["features"]
+    assert first["geometry"]["type"] == "MultiPolygon" and second["geometry"]["type"] == "Polygon"
+    ys, xs = np.mgrid[0:40, 0:60]
+    points = np.c_[xs.ravel(), ys.ravel()]
+    covered = np.zeros(labels.size, bool)
+    for polygon in first["geometry"]["coordinates"]:
+        covered |= Polygon(np.array(polygon[0])).contains_points(points)
+    assert (covered.reshape(labels.shape) == (labels == 1)).all()  # every piece, exactly
 
 
 def test_exported_samples_and_models_are_readable_by_others_under_the_usual_umask(tmp_path):

@@ -35,7 +35,8 @@ from .tiling import Tile, centre_in, tile_grid
 
 CHUNK = 1024  # labels zarr chunk side
 FORMAT = "napari-bach-slide"
-VERSION = 4  # 2: balanced blocks; 3: the block halo is the tile margin; 4: unknown µm/px: scale estimate
+VERSION = 5  # 2: balanced blocks; 3: the block halo is the tile margin; 4: unknown µm/px: scale estimate;
+# 5: nuclei cut by a block edge are the neighbour's, and outputs hold the pixels the zarr holds
 
 
 @dataclass
@@ -213,18 +214,10 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
                                                         estimate_scale=estimate or False),  # one for all blocks
                                            sum(tiles[:n]), clock, f"block {n + 1}/{len(work)}")
             seg = det.refilter(limits.score, limits.nms_iou, min_area=min_area_px)
-            kept = _owned(seg, b)
-            first = state["next_id"]
-            new_ids = np.arange(first, first + len(kept), dtype=np.int64)
-            lut = np.zeros(int(seg.labels.max(initial=0)) + 1, np.int32)
-            lut[kept] = new_ids
-            block_labels = lut[seg.labels]
-            _paste_into(labels, block_labels, b)
-            owned = Segmentation(block_labels, new_ids, seg.boxes[np.isin(seg.ids, kept)],
-                                 seg.scores[np.isin(seg.ids, kept)], slide.pixel_size)
+            owned = _paste_owned(labels, seg, _owned(seg, b), b, state["next_id"], slide.pixel_size)
             _write_part(files["parts"], k, owned, rgb, (y0 + b.y0, x0 + b.x0), model_name)
-            state["next_id"] = first + len(kept)
-            state["nuclei"] += len(kept)
+            state["next_id"] += len(owned.ids)
+            state["nuclei"] += len(owned.ids)
             state["done"].append(k)
             _write_json(files["progress"], state)
             yield Progress(sum(tiles[: n + 1]), total, f"block {n + 1}/{len(work)}: {state['nuclei']} nuclei so far"
@@ -263,19 +256,44 @@ def _within_block(gen, done: int, clock: _Clock, name: str):
 
 
 def _owned(seg: Segmentation, block: Tile) -> np.ndarray:
-    """Ids of nuclei whose box centre lies in the block's core (block-local coordinates)."""
+    """Ids of nuclei whose box centre lies in the block's core (block-local coordinates),
+    leaving out those cut by the block's edge where a neighbouring block goes on: that
+    block sees them whole (any nucleus up to twice the halo wide), and a cut one's box
+    centre can fall in this core although the nucleus is the neighbour's."""
     cy0, cx0, cy1, cx1 = block.core
-    return seg.ids[centre_in(seg.boxes, (cy0 - block.y0, cx0 - block.x0, cy1 - block.y0, cx1 - block.x0))]
+    inside = centre_in(seg.boxes, (cy0 - block.y0, cx0 - block.x0, cy1 - block.y0, cx1 - block.x0))
+    h, w = block.y1 - block.y0, block.x1 - block.x0
+    x0, y0, x1, y1 = (np.asarray(seg.boxes, float).reshape(-1, 4)[:, k] for k in range(4))
+    cut = (((y0 <= 0.5) & (cy0 > block.y0)) | ((x0 <= 0.5) & (cx0 > block.x0))
+           | ((y1 >= h - 1.5) & (cy1 < block.y1)) | ((x1 >= w - 1.5) & (cx1 < block.x1)))
+    return seg.ids[np.asarray(inside) & ~cut]
 
 
-def _paste_into(labels, block_labels: np.ndarray, b: Tile) -> None:
-    """Write a block's owned nuclei where the slide's labels are still empty (earlier
-    blocks keep contested pixels, as earlier nuclei do within an image)."""
+def _paste_owned(labels, seg: Segmentation, kept: np.ndarray, b: Tile, first: int,
+                 pixel_size: PixelSize) -> Segmentation:
+    """Write a block's owned nuclei into the slide's labels where they are still empty and
+    return them as written, numbered from ``first``: the zarr, the CSV and the GeoJSON then
+    hold the same nuclei with the same pixels. Earlier blocks keep contested pixels (as
+    earlier nuclei do within an image); a nucleus left with under half its pixels is the
+    same nucleus an earlier block already wrote, seen cut at that block's edge, and is
+    dropped rather than kept as a sliver."""
     region = labels[b.y0:b.y1, b.x0:b.x1]
-    free = (region == 0) & (block_labels > 0)
-    if free.any():
-        region[free] = block_labels[free]
+    taken = region > 0
+    n = int(seg.labels.max(initial=0)) + 1
+    mine = np.isin(seg.labels, kept)
+    total = np.bincount(seg.labels[mine], minlength=n)
+    free = np.bincount(seg.labels[mine & ~taken], minlength=n)
+    survive = kept[(free[kept] > 0) & (2 * free[kept] >= total[kept])]
+    new_ids = np.arange(first, first + len(survive), dtype=np.int64)
+    lut = np.zeros(n, np.int32)
+    lut[survive] = new_ids
+    block = lut[seg.labels]
+    block[taken] = 0
+    if block.any():
+        region[block > 0] = block[block > 0]
         labels[b.y0:b.y1, b.x0:b.x1] = region
+    rows = np.isin(seg.ids, survive)
+    return Segmentation(block, new_ids, seg.boxes[rows], seg.scores[rows], pixel_size)
 
 
 def _write_part(parts: Path, k: int, seg: Segmentation, rgb: np.ndarray, offset: tuple[int, int],

@@ -369,7 +369,8 @@ def cmd_tissue(args) -> int:
         return 2
     try:
         result = train_tissue(args.data, out, args.backbone, args.scales, args.folds, args.copies, args.mpp,
-                              args.seed, args.threads, args.license, log=lambda m: print(m, file=sys.stderr))
+                              args.seed, args.threads, args.license, log=lambda m: print(m, file=sys.stderr),
+                              stress=args.stress)
     except (ValueError, OSError, PretrainedWeightsUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -565,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     tt.add_argument("--threads", type=int, default=0)
     tt.add_argument("--license", default="", help="license of the images, recorded in the model")
     tt.add_argument("--resume", action="store_true", help="continue a run in --out (finished features are kept)")
+    tt.add_argument("--stress", action="store_true",
+                    help="also the out-of-fold metrics with the images re-rendered by each stain-stress recolouring")
     tt.set_defaults(func=cmd_tissue)
 
     k = sub.add_parser("colours", help="measure the training images' stain vectors (napari_bach.colour's reference)",

@@ -264,10 +264,36 @@ def cross_validate(x: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: tup
             "out_of_fold_probs": calibrated.round(4).tolist()}
 
 
+def stress_cross_validated(net: TissueNet, samples: list[TissueSample], x: np.ndarray, fold: np.ndarray,
+                           result: dict, log: Callable[[str], None] = print) -> dict:
+    """Out-of-fold metrics under each stain-stress recolouring (:mod:`src_train.stress`):
+    every fold's head (its own L2, at the cross-validated temperature) scores that fold's
+    held-out images re-rendered."""
+    from napari_bach.imageio import read_image
+
+    from .stress import STRESS
+
+    y = np.array([s.tissue for s in samples])
+    n = len(net.config.classes)
+    heads = [fit_head(x[fold != f], np.repeat(y[fold != f], x.shape[1]), n, result["l2_per_fold"][f])
+             for f in range(result["folds"])]
+    out = {}
+    for name, recolour in STRESS.items():
+        feats = np.stack([net.field_features(recolour(read_image(s.path).rgb), s.mpp).numpy() for s in samples])
+        logits = np.zeros((len(y), n), np.float32)
+        for f, head in enumerate(heads):
+            logits[fold == f] = head_logits(head, feats[fold == f])
+        m = tissue_metrics(y, torch.from_numpy(logits / result["temperature"]).softmax(-1).numpy(), net.config.classes)
+        out[name] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "confusion")}
+        log(f"stress {name}: accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f}")
+    out["mean"] = {k: float(np.mean([v[k] for v in out.values()])) for k in ("accuracy", "balanced_accuracy")}
+    return out
+
+
 def train_tissue(root: str | Path, out: str | Path, backbone: str = "efficientnet_lite0",
                  scales: tuple[float, ...] = (1.0, 2.0), folds: int = 5, copies: int = 4,
                  mpp: float | None = None, seed: int = 0, threads: int = 0, license: str = "",
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, stress: bool = False) -> dict:
     """Features, grouped cross-validation, then the shipped classifier (``out/tissue.pt``)
     fitted on every image with the most chosen L2 and the out-of-fold temperature."""
     from napari_bach.backbones import spec
@@ -292,6 +318,8 @@ def train_tissue(root: str | Path, out: str | Path, backbone: str = "efficientne
         f"{folds} contiguous folds; {copies} augmented views each")
     x, y = extract_features(net, samples, copies, seed, cache=out / "features.npz", log=log)
     result = cross_validate(x, y, fold, config.classes, log)
+    if stress:  # the trunk is ImageNet's and frozen: the net is ready before the head is fitted
+        result["stress"] = stress_cross_validated(net, samples, x, fold, result, log)
     l2 = max(set(result["l2_per_fold"]), key=result["l2_per_fold"].count)
     w, b, mean, std = fit_head(x, np.repeat(y, x.shape[1]), len(config.classes), l2)
     net.head.weight.copy_(w)
@@ -302,6 +330,9 @@ def train_tissue(root: str | Path, out: str | Path, backbone: str = "efficientne
     summary = {k: result[k] for k in ("accuracy", "balanced_accuracy", "macro", "confusion", "folds", "images",
                                       "temperature")}
     summary["ece"] = result["reliability_after"]["ece"]
+    if stress:
+        summary["stress"] = {k: v if k == "mean" else {m: v[m] for m in ("accuracy", "balanced_accuracy")}
+                             for k, v in result["stress"].items()}
     info = TissueInfo(name=f"napari-bach tissue ({backbone}, {'+'.join(f'{s:g}' for s in scales)} µm/px)",
                       trained=True, data=f"{len(samples)} images of {root}", license=license, metrics=summary,
                       notes=f"frozen ImageNet {backbone}; logistic regression L2 {l2:g} on {copies} augmented "

@@ -52,7 +52,7 @@ def trained(class_folders, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tissue-run")
     result = train_tissue(class_folders, out, "efficientnet_lite0", scales=(2.0,), folds=2, copies=1, threads=2,
-                          log=lambda m: None)
+                          log=lambda m: None, stress=True)
     return out, result
 
 
@@ -79,6 +79,10 @@ def test_a_tiny_classifier_learns_generated_classes(trained, class_folders):
     cv = json.loads((out / "cv.json").read_text())
     assert np.array(cv["confusion"]).sum() == 24 and len(cv["files"]) == 24
     assert cv["reliability_after"]["ece"] <= cv["reliability_before"]["ece"] + 0.05
+    from src_train.stress import STRESS
+
+    assert set(result["stress"]) == {*STRESS, "mean"}  # out-of-fold under every recolouring
+    assert all(0 <= v["balanced_accuracy"] <= 1 for k, v in result["stress"].items() if k != "mean")
     net, info = load_tissue_model(out / "tissue.pt")
     assert info.trained and "balanced accuracy" in info.status
     tmap = tissue_map(class_image(2, 99), 1.0, net)

@@ -367,3 +367,35 @@ def test_results_follow_a_rerun_at_another_pixel_size(viewer, qtbot, tiny_checkp
     _run_and_wait(qtbot, w)
     for name in ("he", "he nuclei", "he boxes"):
         assert tuple(viewer.layers[name].scale) == pytest.approx((0.467, 0.467)), name
+
+
+def test_cancel_keeps_the_count_and_the_pixel_size_of_the_results_shown(viewer, qtbot, tiny_checkpoint):
+    """Issue 28.15: after Cancel the status lost the count, and the µm/px box kept the
+    cancelled run's value while the layers were at the earlier one."""
+    rgb, _ = synthetic_he((900, 900), seed=4)
+    viewer.add_image(rgb, name="big", rgb=True, metadata={"mpp": 0.42})
+    w = _widget(viewer, tiny_checkpoint)
+    _run_and_wait(qtbot, w)
+    n = len(w.result.seg.ids)
+    w._mpp.value = 0.3
+    w.run()
+    qtbot.waitUntil(lambda: w._progress.value >= 1, timeout=60_000)
+    w.cancel()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
+    assert "Cancelled" in w._status.value and f"{n} nuclei" in w._status.value
+    assert w._mpp.value == pytest.approx(0.42)
+
+
+def test_the_count_follows_edits_made_in_another_dock(viewer, qtbot, tiny_checkpoint):
+    """Issue 28.16: the Segment nuclei count went stale after edits in Correct, export & report."""
+    rgb, _ = synthetic_he((200, 240), seed=3)
+    viewer.add_image(rgb, name="he", rgb=True, metadata={"mpp": 0.42})
+    w = _widget(viewer, tiny_checkpoint)
+    _run_and_wait(qtbot, w)
+    layer = viewer.layers["he nuclei"]
+    data = np.array(layer.data)
+    gone = np.unique(data)[1:3]
+    data[np.isin(data, gone)] = 0
+    layer.data = data  # as Correct, export & report writes its edits
+    left = len(np.unique(data)) - 1
+    qtbot.waitUntil(lambda: w._status.value.startswith(f"{left} nuclei"), timeout=5_000)

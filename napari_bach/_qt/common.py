@@ -89,14 +89,18 @@ class BackgroundTask:
         self._cancel.changed.connect(self.cancel)
         owner.native.destroyed.connect(lambda *_: self.close())  # the task, not the owner: Qt may outlive it
 
-    def start(self, work, *args, done: Callable[[object], None]) -> None:
+    def start(self, work, *args, done: Callable[[object], None],
+              cancelled: Callable[[], None] | None = None) -> None:
+        """Run ``work(*args)``; ``done(result)`` on success, ``cancelled()`` after Cancel
+        (to put back what the dock showed before the run)."""
         from napari.qt.threading import create_worker
 
         worker = create_worker(_guarded, work, *args, _start_thread=False, _connect={"errored": self.fail})
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda out: self.closed or (self.fail(out.error) if isinstance(out, Failure)
                                                             else done(out)))
-        worker.aborted.connect(lambda: self.say("Cancelled; earlier results are kept."))
+        worker.aborted.connect(lambda: self.closed or (self.say("Cancelled; earlier results are kept."),
+                                                       cancelled and cancelled()))
         worker.finished.connect(self._on_finished)
         self.worker = worker
         for button in self._buttons:

@@ -117,6 +117,11 @@ class SegmentWidget(Container):
         self._refilter_timer.setSingleShot(True)
         self._refilter_timer.setInterval(0)
         self._refilter_timer.timeout.connect(self.refilter)
+        # the count follows edits made in other docks or with napari's brush (once they rest)
+        self._count_timer = QTimer()
+        self._count_timer.setSingleShot(True)
+        self._count_timer.setInterval(MEASURE_DELAY_MS)
+        self._count_timer.timeout.connect(self._recount)
         self._image.changed.connect(self._on_image_changed)
         self._run.changed.connect(lambda *_: self.run())
         self._score.changed.connect(lambda _: self._refilter_timer.start())
@@ -195,7 +200,16 @@ class SegmentWidget(Container):
         source, known = layer.name, layer_tissue_class(layer)
         floor = max(0.0, float(self._score.value) - CANDIDATE_MARGIN) if floor is None else floor
         self.task.start(_segment, rgb, path, self.model.device.value, self.pixel_size(), bool(self._tta.value), floor,
-                        self.tissue_model, done=lambda out: self._on_done(out, layer, source, placement, known))
+                        self.tissue_model, done=lambda out: self._on_done(out, layer, source, placement, known),
+                        cancelled=self._on_cancelled)
+
+    def _on_cancelled(self) -> None:
+        """The layers shown are the last finished run's: so are the count and the µm/px box."""
+        if self.result is None:
+            return
+        with self._mpp.changed.blocked():
+            self._mpp.value = self.result.det.pixel_size.mpp or 0.0
+        self._status.value = "Cancelled; the results shown are the last finished run's.\n" + self._count_text()
 
     def cancel(self) -> None:
         self.task.cancel()
@@ -314,6 +328,11 @@ class SegmentWidget(Container):
         put_result_layer(self._viewer, *labels)
         if box_layer is not None:
             put_result_layer(self._viewer, *box_layer)
+        layer = self._labels_layer()
+        if layer is not None and not getattr(layer, "_napari_bach_counted", False):  # edits anywhere: a fresh count
+            layer._napari_bach_counted = True
+            for event in (layer.events.data, layer.events.paint):
+                event.connect(lambda *_: self._count_timer.start())
 
     def _show_tissue_map(self) -> None:
         """Images larger than one BACH field: their fields' classes as a layer (replaced on re-run)."""
@@ -326,9 +345,17 @@ class SegmentWidget(Container):
             data, kwargs, kind = tissue_map_layer(tmap.cells(), tmap.probs, tmap.classes, r.source, r.placement)
             self._viewer.add_shapes(data, **kwargs)
 
-    def _count_text(self) -> str:
+    def _recount(self) -> None:
+        """After edits in the labels layer (this dock's sliders count as they go)."""
+        layer = self._labels_layer()
+        if self.result is not None and self.task.worker is None and layer is not None:
+            self._absorb_edits()
+            self._status.value = self._count_text(len(np.unique(np.asarray(layer.data))) - 1)
+
+    def _count_text(self, shown: int | None = None) -> str:
         r = self.result
-        lines = [f"{len(r.seg.ids)} nuclei" + (f" (with your edits: {len(r.edits.drawn)} drawn, "
+        shown = len(r.seg.ids) if shown is None else shown
+        lines = [f"{shown} nuclei" + (f" (with your edits: {len(r.edits.drawn)} drawn, "
                                                f"{len(r.edits.removed)} model nuclei removed or redrawn)"
                                                if r.edits else "")]
         ps = r.det.pixel_size

@@ -285,3 +285,21 @@ def test_labels_without_nuclei_are_not_exported(segmented, tmp_path):
     viewer.layers["b007 nuclei"].data = np.zeros_like(viewer.layers["b007 nuclei"].data)
     cur._dataset.value = str(tmp_path / "ds")
     assert cur.export() is None and "no nuclei" in cur._status.value
+
+
+def test_full_figure_leaves_out_layers_in_other_units(segmented, tmp_path):
+    """Issue 28.23: a pixel-unit layer beside a µm image made the image fill a corner of a
+    black figure with a unitless scale bar."""
+    viewer, cur = segmented
+    image = cur._image.value
+    for layer in (image, cur._nuclei.value, viewer.layers["b007 boxes"]):  # the result in µm, as Segment nuclei puts it
+        layer.scale, layer.units = (0.42, 0.42), ("um", "um")
+    viewer.add_image(np.zeros((2000, 2000), np.uint8), name="pixels")  # scale 1, unit pixels
+    assert str(viewer.layers["pixels"].units[-1]) != str(image.units[-1])
+    cur._figure.value = str(tmp_path / "full.png")
+    cur.save_figure()
+    assert "left out, in other units: pixels" in cur._status.value and "pixels" in viewer.layers  # put back
+    with Image.open(tmp_path / "full.png") as im:
+        rgb = np.asarray(im.convert("RGB"))
+    h, w = image.data.shape[:2]
+    assert rgb.shape[:2] == (h, w)  # the image's own extent at full resolution (was 4762², the image in a corner)

@@ -218,6 +218,16 @@ class CurateWidget(Container):
         if not self._may_replace([path]):
             return self._say("not saved: the file exists and you kept it")
         self._viewer.scale_bar.visible = True
+        hidden = []
+        image = self._image.value
+        if self._figure_mode.value == FULL and image is not None:
+            # layers in other units (pixels beside µm) would stretch the figure's extent:
+            # the image would fill a corner of a black page, the scale bar lose its unit
+            units = tuple(str(u) for u in image.units[-2:])
+            hidden = [(i, layer) for i, layer in enumerate(self._viewer.layers)
+                      if tuple(str(u) for u in layer.units[-2:]) != units]
+        for _, layer in reversed(hidden):  # the figure's extent counts every layer, shown or not
+            self._viewer.layers.remove(layer)
         try:
             if self._figure_mode.value == FULL:
                 self._viewer.export_figure(str(path))
@@ -225,7 +235,11 @@ class CurateWidget(Container):
                 self._viewer.screenshot(str(path), canvas_only=True)
         except OSError as exc:
             return self._say(f"figure not saved: {exc}")
-        self._say(f"saved {path}")
+        finally:
+            for i, layer in hidden:
+                self._viewer.layers.insert(i, layer)
+        self._say(f"saved {path}" + (f" (left out, in other units: {', '.join(l.name for _, l in hidden)})"
+                                     if hidden else ""))
         return path
 
     def _may_replace(self, paths: list[Path]) -> bool:

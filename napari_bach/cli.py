@@ -179,7 +179,8 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
                   mpp: float | None = None, thresholds: Thresholds = Thresholds(), device: str = "cpu",
                   log: Callable[[str], None] = print, progress: bool = False,
                   slides: SlideOptions = SlideOptions(), tta: bool = False,
-                  tissue_model: str | Path | None = DEFAULT_TISSUE_MODEL, overwrite: bool = False) -> tuple[Path, int]:
+                  tissue_model: str | Path | None = DEFAULT_TISSUE_MODEL, overwrite: bool = False,
+                  gray_pass: bool = True) -> tuple[Path, int]:
     """Segment every image and slide; write ``<stem>_labels.tif``, ``<stem>_nuclei.csv`` and
     ``<stem>_nuclei.geojson`` (QuPath; slides: ``_labels.zarr`` instead of the TIFF) beside the input's
     relative path under ``out``, and ``summary.csv`` with each image's tissue class (from
@@ -196,9 +197,9 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
 
     from .atomic import atomic_write
     from .checkpoint import cached_model
-    from .colour import check_colours
+    from .colour import check_colours, model_input
     from .geojson import write_tissue_geojson
-    from .tissue import cached_tissue_model, tissue_map
+    from .tissue import cached_tissue_model, status_lines, tissue_map
     from .export import write_labels_tiff
     from .geojson import write_geojson
     from .measure import hematoxylin, measure_nuclei
@@ -216,8 +217,8 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     tissue = cached_tissue_model(tissue_model, required=Path(tissue_model) != DEFAULT_TISSUE_MODEL) if tissue_model else None
     cfg = model.config
     limits = thresholds.resolve(cfg)
-    log(f"model: {info.status}; score ≥ {limits.score:g}, NMS IoU {limits.nms_iou:g}, "
-        f"nuclei ≥ {limits.min_area:g} µm²" + (f"; {tissue[1].status}" if tissue else ""))
+    log(f"model: {'; '.join(status_lines(info.status, tissue[1] if tissue else None))}; score ≥ {limits.score:g}, "
+        f"NMS IoU {limits.nms_iou:g}, nuclei ≥ {limits.min_area:g} µm²")
     out = Path(out)
     slide_jobs = [job for job in jobs if is_slide(job.path)]
     jobs = [job for job in jobs if job not in slide_jobs]
@@ -248,7 +249,9 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
             bar.n = step.done
             bar.refresh()
 
-        det = predict(data.rgb, model, pixel_size, tissue_trained=info.tissue_trained, progress=tick, tta=tta,
+        colours = check_colours(data.rgb)
+        pixels, grayed = model_input(data.rgb, colours, gray_pass)  # unfamiliar colours: a grayscale pass
+        det = predict(pixels, model, pixel_size, tissue_trained=info.tissue_trained, progress=tick, tta=tta,
                       score_floor=limits.score)  # masks only for nuclei the threshold keeps
         tiles.close()
         if not pixel_size.known:
@@ -281,8 +284,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         if probs is not None:
             row["tissue_class"] = classes[int(np.argmax(probs))]
             row.update({f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs)})
-        colours = check_colours(data.rgb)
-        row["colour_warning"] = colours.warning
+        row["colour_warning"] = colours.warning + ("; segmented as grayscale" if grayed else "")
         rows.append(row)
         log(f"[{n}/{len(jobs)}] {job.path.name}: {len(seg.ids)} nuclei, {pixel_size.describe()}, "
             f"tissue class {row['tissue_class']}" + (f"; WARNING: {colours.warning}" if colours.warning else ""))
@@ -488,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "µm/px is unknown; default: the model's own, 3 µm² for the shipped model)")
     s.add_argument("--device", type=_device, default="cpu", help="cpu, or cuda/mps where present (default: %(default)s)")
     s.add_argument("--tta", action="store_true", help="flip test-time augmentation: 4 passes per tile (images)")
+    s.add_argument("--gray-pass", choices=["auto", "off"], default="auto",
+                   help="auto: an image whose colours are unlike the training images' (colour_warning) is "
+                        "segmented as a grayscale copy, which measured better on such images (default: auto)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace results of an earlier run into --out for the same images (default: refuse)")
     w = s.add_argument_group("whole slides (.svs, .ndpi, .scn, pyramidal or very large TIFF)")
@@ -533,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                                   Thresholds(args.score_threshold, args.nms_iou, args.min_area), args.device,
                                   log=lambda m: print(m, file=sys.stderr), progress=sys.stderr.isatty(), slides=slides,
                                   tta=args.tta, tissue_model=None if args.tissue_model == "none" else args.tissue_model,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, gray_pass=args.gray_pass == "auto")
     except (CheckpointError, TissueModelError, OutputClash) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

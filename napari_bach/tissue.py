@@ -98,6 +98,13 @@ class TissueInfo:
         return f"tissue class trained ({self.name}" + (f", cross-validated balanced accuracy {acc:.2f})" if acc else ")")
 
 
+def status_lines(nuclei_status: str, tissue: "TissueInfo | None") -> list[str]:
+    """The nucleus model's status and the tissue class's: the tissue classifier's when one
+    is installed (the nucleus model's own tissue head is then not what answers)."""
+    parts = nuclei_status.rsplit(", ", 1)  # the name may hold commas: split off the tissue part only
+    return [parts[0], tissue.status] if tissue is not None else parts
+
+
 class TissueNet(nn.Module):
     """Frozen trunk -> pooled multi-scale features -> standardised -> linear -> /T."""
 

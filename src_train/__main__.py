@@ -495,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score the held-out images under each fixed stain-stress recolouring "
                         "(src_train/stress.py: hue turned both ways, grayscale, desaturated, purple and pink "
                         "casts, maroon hematoxylin on lavender, JPEG q20) and their mean")
+    e.add_argument("--gray-pass", action="store_true",
+                   help="segment images whose colours are flagged (napari_bach.colour) as grayscale copies, as "
+                        "the plugin's default does")
     e.add_argument("--hide-mpp", action="store_true",
                    help="segment the held-out images as if their µm/px were unknown (untagged files)")
     e.add_argument("--config", action="append", type=_setting, metavar="KEY=VALUE",

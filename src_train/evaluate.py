@@ -22,20 +22,23 @@ NMS_SWEEP = (0.3, 0.4, 0.5, 0.6)
 
 
 def sweep_nuclei(model, samples: list[Sample], score_thresholds, nms_values, tta: bool = False,
-                 hide_mpp: bool = False, size_at: tuple[float, float] | None = None
+                 hide_mpp: bool = False, size_at: tuple[float, float] | None = None, gray_pass: bool = False
                  ) -> dict[tuple[float, float], list[dict]]:
     """Per-image nucleus metrics at each (score threshold, NMS IoU); the network runs once
     per image and the pairs only re-filter its cached candidates. The model's minimum
     nucleus area applies, as it does for users. ``hide_mpp``: each image is segmented as
     if its µm/px were unknown (an untagged file). ``size_at``: at this pair, each image's
     metrics also hold the median equivalent diameter of the nuclei found
-    (``median_diameter_um``, with the µm/px known)."""
+    (``median_diameter_um``, with the µm/px known). ``gray_pass``: as the CLI's ``--gray-pass
+    auto``, images whose colours are flagged are segmented as grayscale copies."""
+    from napari_bach.colour import check_colours, model_input
     from napari_bach.scale import median_diameter
 
     out = {(t, n): [] for t in score_thresholds for n in nms_values}
     for s in samples:
         mpp = None if hide_mpp else s.mpp
-        det = predict(s.image, model, mpp, tissue_trained=False, tta=tta)
+        pixels = model_input(s.image, check_colours(s.image), gray_pass)[0] if gray_pass else s.image
+        det = predict(pixels, model, mpp, tissue_trained=False, tta=tta)
         min_area = Thresholds().min_area_px(det.segmented_mpp, model.config)
         for t, n in out:
             labels = det.refilter(t, n, min_area=min_area).labels
@@ -59,7 +62,7 @@ def group_mean(per_image: list[dict], groups: list[str]) -> dict[str, float]:
     return {k: float(np.mean([p[k] for p in pooled])) for k in ("f1", "aji", "pq", "dice")}
 
 
-def stress_metrics(model, samples: list[Sample], score: float, nms: float) -> dict:
+def stress_metrics(model, samples: list[Sample], score: float, nms: float, gray_pass: bool = False) -> dict:
     """Each stain-stress transform's group means (and per group) at one threshold pair, and
     the mean over transforms: the colours of labs and scanners the data lacks."""
     from .stress import STRESS, stress_summary, stressed
@@ -67,7 +70,7 @@ def stress_metrics(model, samples: list[Sample], score: float, nms: float) -> di
     groups = [s.group for s in samples]
     per_transform, per_group = {}, {}
     for name in STRESS:
-        per_image = sweep_nuclei(model, stressed(samples, name), [score], [nms])[score, nms]
+        per_image = sweep_nuclei(model, stressed(samples, name), [score], [nms], gray_pass=gray_pass)[score, nms]
         per_transform[name] = group_mean(per_image, groups)
         per_group[name] = {g: pooled_nucleus_metrics([m for m, h in zip(per_image, groups) if h == g])
                            for g in sorted(set(groups))}
@@ -76,7 +79,8 @@ def stress_metrics(model, samples: list[Sample], score: float, nms: float) -> di
 
 def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] = (),
              score_threshold: float | None = None, nms_iou: float | None = None, tta: bool = False,
-             settings: dict | None = None, hide_mpp: bool = False, stress: bool = False) -> dict:
+             settings: dict | None = None, hide_mpp: bool = False, stress: bool = False,
+             gray_pass: bool = False) -> dict:
     """Metrics of one model; nucleus images are segmented whole, at their own µm/px
     (``tta``: with flip test-time augmentation; ``hide_mpp``: as if it were unknown).
     Images from several sources (``group``) are also reported per group, with the sweep
@@ -92,10 +96,10 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
     score = cfg.default_score_threshold if score_threshold is None else score_threshold
     nms = cfg.default_nms_iou if nms_iou is None else nms_iou
     result = {"model": str(model_path), "model_status": info.status, "score_threshold": score, "nms_iou": nms,
-              "tta": tta, "settings": settings or {}, "mpp_hidden": hide_mpp}
+              "tta": tta, "settings": settings or {}, "mpp_hidden": hide_mpp, "gray_pass": gray_pass}
     if nuclei:
         by_pair = sweep_nuclei(model, nuclei, sorted({score, *SCORE_SWEEP}), sorted({nms, *NMS_SWEEP}), tta,
-                               hide_mpp, size_at=(score, nms))
+                               hide_mpp, size_at=(score, nms), gray_pass=gray_pass)
         by_threshold = {t: v for (t, n), v in by_pair.items() if n == nms}
         result["nuclei"] = pooled_nucleus_metrics(by_threshold[score])
         result["nuclei_per_image"] = [{"image": s.name, **m} for s, m in zip(nuclei, by_threshold[score])]
@@ -126,7 +130,7 @@ def evaluate(model_path: str | Path, nuclei: list[Sample], tissue: list[Sample] 
                                for t in SCORE_SWEEP for n in NMS_SWEEP]
         result["group_mean"] = group_mean(by_threshold[score], [s.group for s in nuclei])
         if stress:
-            result["stress"] = stress_metrics(model, nuclei, score, nms)
+            result["stress"] = stress_metrics(model, nuclei, score, nms, gray_pass)
     if tissue:
         if not info.tissue_trained:
             result["tissue"] = "not trained: this checkpoint's tissue head never saw tissue labels"
@@ -195,7 +199,8 @@ def save_plots(result: dict, out: Path, log_csv: Path | None = None) -> list[Pat
 
 def evaluate_main(args, nuclei: list[Sample], tissue: list[Sample]) -> int:
     result = evaluate(args.model, nuclei, tissue, args.score_threshold, args.nms_iou, args.tta,
-                      dict(args.config or ()), getattr(args, "hide_mpp", False), getattr(args, "stress", False))
+                      dict(args.config or ()), getattr(args, "hide_mpp", False), getattr(args, "stress", False),
+                      getattr(args, "gray_pass", False))
     if getattr(args, "zoom", None):
         result["zoom"] = args.zoom  # the images were resampled first
     if getattr(args, "colour_cast", None):

@@ -103,4 +103,16 @@ def test_segment_cli_writes_the_colour_warning_to_the_summary(tmp_path, tiny_che
     with open(tmp_path / "o" / "summary.csv") as fh:
         rows = {r["image"].rsplit("/", 1)[-1]: r for r in csv.DictReader(fh)}
     assert rows["plain.png"]["colour_warning"] == ""
-    assert "unreliable" in rows["maroon.png"]["colour_warning"]
+    assert "unreliable" in rows["maroon.png"]["colour_warning"] and "segmented as grayscale" in rows["maroon.png"]["colour_warning"]
+
+
+def test_unfamiliar_colours_are_segmented_as_a_grayscale_copy_and_familiar_ones_as_they_are(he):
+    from napari_bach.colour import model_input
+
+    same, grayed = model_input(he, check_colours(he))
+    assert same is he and not grayed
+    maroon = STRESS["maroon-lavender"](he)
+    pixels, grayed = model_input(maroon, check_colours(maroon))
+    assert grayed and np.array_equal(pixels[..., 0], pixels[..., 2]) and pixels.shape == maroon.shape
+    kept, grayed = model_input(maroon, check_colours(maroon), gray_pass=False)
+    assert kept is maroon and not grayed

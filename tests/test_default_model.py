@@ -52,3 +52,16 @@ def test_masks_only_for_the_region_a_tile_owns_change_nothing_it_keeps():
     assert 0 < int(keep.sum()) < len(keep)  # the region really cuts
     assert torch.equal(owned["boxes"], every["boxes"][keep]) and torch.equal(owned["scores"], every["scores"][keep])
     torch.testing.assert_close(owned["masks"], every["masks"][keep], atol=1e-5, rtol=0)
+
+
+def test_shipped_tissue_model_says_what_it_was_trained_on_and_validated_with():
+    """The tissue classifier beside the nucleus model: BACH's license, its cross-validated
+    numbers, and four probabilities that sum to one on an unseen synthetic field."""
+    from napari_bach.tissue import DEFAULT_TISSUE_MODEL, load_tissue_model, tissue_map
+
+    net, info = load_tissue_model(DEFAULT_TISSUE_MODEL)
+    assert info.trained and "CC BY-NC-ND" in info.license and "non-commercial" in info.license
+    assert 0.5 < info.metrics["balanced_accuracy"] <= 1 and len(info.metrics["confusion"]) == 4
+    assert "balanced accuracy" in info.status and DEFAULT_TISSUE_MODEL.stat().st_size < 20e6
+    probs = tissue_map(synthetic_he((400, 500), mpp=0.42, seed=2)[0], 0.42, net).image_probs()
+    assert probs.shape == (4,) and abs(probs.sum() - 1) < 1e-5

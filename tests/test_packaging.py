@@ -31,5 +31,6 @@ def test_wheel_ships_the_root_manifest_and_its_entry_point(tmp_path):
         zf.extract("napari_bach/napari.yaml", tmp_path)
     assert "[napari.manifest]" in entry_points and "napari_bach:napari.yaml" in entry_points
     assert {"src_train/train.py", "napari_bach/predict.py"} <= set(names)
-    assert shipped_model == (["napari_bach/models/default.pt"] if (ROOT / "napari_bach/models/default.pt").exists() else [])
+    expected = sorted(f"napari_bach/models/{n}" for n in ("default.pt", "tissue.pt") if (ROOT / "napari_bach/models" / n).exists())
+    assert sorted(shipped_model) == expected  # the nucleus model and the tissue classifier
     assert PluginManifest.from_file(tmp_path / "napari_bach/napari.yaml").name == "napari-bach"

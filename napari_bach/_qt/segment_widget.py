@@ -17,9 +17,9 @@ from ..detections import Detections, LiveLabels, Segmentation
 from ..edit import Edits
 from ..measure import hematoxylin, measure_nuclei
 from ..pixelsize import EXPLICIT, PixelSize
-from ..colour import ColourCheck, check_colours
+from ..colour import ColourCheck, check_colours, model_input
 from ..predict import iter_predict
-from ..tissue import DEFAULT_TISSUE_MODEL, TissueInfo, TissueMap, classify_image
+from ..tissue import DEFAULT_TISSUE_MODEL, TissueInfo, TissueMap, classify_image, status_lines
 from ..scale import unknown_scale_note
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, image_and_placement,
                      layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, tissue_text, wrap)
@@ -34,17 +34,22 @@ AREA_UM2, AREA_PX = "Min area µm²", "Min area px"
 
 
 def _segment(rgb: np.ndarray, model_path: Path, device: str, pixel_size: PixelSize, tta: bool, floor: float,
-             tissue_path: Path | None = DEFAULT_TISSUE_MODEL):
+             tissue_path: Path | None = DEFAULT_TISSUE_MODEL, gray_pass: bool = True):
     yield "loading model"
     model, info = cached_model(model_path, device)
-    det = yield from iter_predict(rgb, model, pixel_size, tissue_trained=info.tissue_trained, tta=tta,
+    colours = check_colours(rgb)
+    pixels, grayed = model_input(rgb, colours, gray_pass)  # unfamiliar colours: segmented as grayscale
+    det = yield from iter_predict(pixels, model, pixel_size, tissue_trained=info.tissue_trained, tta=tta,
                                   score_floor=floor)
     yield "tissue class and colour check"
     mpp = pixel_size.mpp or det.segmented_mpp or model.config.mpp
     tissue = classify_image(rgb, mpp, tissue_path) if tissue_path else None
     if tissue is not None:  # the separate classifier speaks for the image's class
         det.tissue_probs, det.classes = tissue[0].image_probs(), tissue[0].classes
-    colours = check_colours(rgb)
+    if grayed:
+        from dataclasses import replace
+
+        colours = replace(colours, warning=colours.warning + "; segmented as a grayscale copy")
     yield "measuring"
     return det, info, hematoxylin(rgb), model.config.mpp, tissue, colours
 
@@ -83,6 +88,9 @@ class SegmentWidget(Container):
         self._image = create_widget(label="Image", annotation="napari.layers.Image")
         self.model = ModelPicker()
         self._tta = CheckBox(text="flip TTA (4× slower)", value=False)
+        self._gray = CheckBox(text="grayscale pass for unfamiliar colours", value=True,
+                              tooltip="an image whose stain colours are unlike the training images' is segmented "
+                                      "as a grayscale copy (measured better on such images)")
         # 0 shows as "unknown": sizes then stay in pixels rather than use a guessed µm/px.
         self._mpp = FloatSpinBox(label="µm/px", min=0.0, max=100.0, step=0.0001, value=0.0)
         self._mpp.native.setDecimals(4)
@@ -103,7 +111,7 @@ class SegmentWidget(Container):
         self.result: Result | None = None
         self._layer_pixel_size = PixelSize(None)
         self.extend([self._image, self.model.choice, self.model.file, row(self.model.device, self._tta, label="Device"),
-                     self._mpp, self._score, self._nms, self._area_row,
+                     self._gray, self._mpp, self._score, self._nms, self._area_row,
                      row(self._run, self._cancel), self._progress, self._status, self._tissue])
         wrap(self._tissue)
         from qtpy.QtCore import QTimer
@@ -200,7 +208,8 @@ class SegmentWidget(Container):
         source, known = layer.name, layer_tissue_class(layer)
         floor = max(0.0, float(self._score.value) - CANDIDATE_MARGIN) if floor is None else floor
         self.task.start(_segment, rgb, path, self.model.device.value, self.pixel_size(), bool(self._tta.value), floor,
-                        self.tissue_model, done=lambda out: self._on_done(out, layer, source, placement, known),
+                        self.tissue_model, bool(self._gray.value),
+                        done=lambda out: self._on_done(out, layer, source, placement, known),
                         cancelled=self._on_cancelled)
 
     def _on_cancelled(self) -> None:
@@ -362,10 +371,7 @@ class SegmentWidget(Container):
         if not ps.known:
             lines.append(f"{unknown_scale_note(r.det.scale_estimate, r.model_mpp)}; sizes in pixels "
                          "(set µm/px and run again for µm)")
-        parts = r.info.status.rsplit(", ", 1)  # the name may hold commas: split off the tissue part only
-        if r.tissue is not None:
-            parts = [parts[0], r.tissue[1].status]
-        lines += parts
+        lines += status_lines(r.info.status, r.tissue[1] if r.tissue is not None else None)
         if r.colours is not None and r.colours.warning:
             lines.append(f"WARNING: {r.colours.warning}")
         return "\n".join(lines)

@@ -43,6 +43,11 @@ class ColourCheck:
     def ok(self) -> bool:
         return not self.warning
 
+    @property
+    def hematoxylin_off(self) -> bool:
+        """Nuclei's own stain is unfamiliar (what broke v9), not only the eosin."""
+        return self.h_angle is not None and self.h_angle > MAX_H_ANGLE
+
 
 def check_colours(rgb: np.ndarray) -> ColourCheck:
     """The image's stain vectors against the training images' (:data:`REFERENCE_H`, ``_E``)."""
@@ -66,12 +71,13 @@ def check_colours(rgb: np.ndarray) -> ColourCheck:
 
 def model_input(rgb: np.ndarray, colours: ColourCheck, gray_pass: bool = True) -> tuple[np.ndarray, bool]:
     """The pixels the nucleus model segments, and whether they are a grayscale copy: with
-    ``gray_pass``, an image whose colours are out of range (``colours`` warns) is segmented
-    in grayscale (ITU-R 601 luma in three channels, as training's random grayscale). v16 on
-    the held-out images recoloured maroon-on-lavender (all 24 flagged): F1 0.656 as they
-    are, 0.689 as grayscale; on in-range colours a grayscale pass costs ~0.05 F1 (pink cast
-    0.745 → 0.694), so it is never applied to them."""
-    if not gray_pass or colours.ok:
+    ``gray_pass``, an image whose hematoxylin is out of range is segmented in grayscale
+    (ITU-R 601 luma in three channels, as training's random grayscale). v16 on the held-out
+    images recoloured maroon-on-lavender (all 24 flagged by hematoxylin): F1 0.656 as they
+    are, 0.689 as grayscale; on familiar colours a grayscale pass costs ~0.05 F1 (pink cast
+    0.745 → 0.694), and on the two images a +0.08 hue turn flags by their eosin alone it
+    cost the group 0.026, so it is applied to unfamiliar hematoxylin only."""
+    if not gray_pass or not colours.hematoxylin_off:
         return rgb, False
     luma = np.round(rgb[..., :3] @ np.array([0.2989, 0.587, 0.114])).clip(0, 255).astype(np.uint8)
     return np.repeat(luma[..., None], 3, axis=-1), True

@@ -187,4 +187,4 @@ def colour_cast(rgb: np.ndarray, od_scale: tuple[float, float, float]) -> np.nda
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """RGB uint8 H×W×3 -> float 3×H×W in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)

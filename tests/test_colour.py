@@ -116,3 +116,14 @@ def test_unfamiliar_colours_are_segmented_as_a_grayscale_copy_and_familiar_ones_
     assert grayed and np.array_equal(pixels[..., 0], pixels[..., 2]) and pixels.shape == maroon.shape
     kept, grayed = model_input(maroon, check_colours(maroon), gray_pass=False)
     assert kept is maroon and not grayed
+
+
+def test_the_grayscale_pass_waits_for_an_unfamiliar_hematoxylin(he):
+    """Eosin alone off (as a +0.08 hue turn gives two held-out images): colour still helps
+    the nuclei, so the image is segmented as it is."""
+    from napari_bach.colour import ColourCheck, model_input
+
+    eosin_only = ColourCheck(h_angle=8.7, e_angle=27.0, warning="eosin 27° from the training images'")
+    kept, grayed = model_input(he, eosin_only)
+    assert kept is he and not grayed
+    assert model_input(he, ColourCheck(h_angle=20.2, e_angle=10.0, warning="hematoxylin 20°"))[1]

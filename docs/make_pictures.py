@@ -96,6 +96,7 @@ def main() -> None:
 
     _, curate = viewer.window.add_plugin_dock_widget("napari-bach", "Correct, export & report")
     curate._nuclei.value = nuclei
+    (out / "figure.png").unlink(missing_ok=True)  # replaced on purpose (the dock would ask first)
     curate._figure.value = out / "figure.png"
     curate.save_figure()
     with tempfile.TemporaryDirectory() as tmp:

@@ -352,6 +352,8 @@ def test_tissue_class_map_and_colour_warning_are_shown(viewer, qtbot, tmp_path, 
     assert len(tmap.data) > 1 and {"tissue_class", "p_Invasive"} <= set(tmap.features.columns)
     assert tuple(tmap.scale) == (2.0, 2.0)
     assert "WARNING: colours unlike" in w._status.value and "tissue class trained (test tissue" in w._status.value
+    meta = viewer.layers["big nuclei"].metadata["model"]  # what the report prints: no "not trained" beside a class
+    assert "tissue class trained (test tissue" in meta and "not trained" not in meta
     _run_and_wait(qtbot, w)
     assert [l.name for l in viewer.layers].count("big tissue map") == 1  # replaced on re-run
 

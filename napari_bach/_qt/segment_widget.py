@@ -327,7 +327,9 @@ class SegmentWidget(Container):
         classes = r.det.classes
         meta = {
             "tissue_probs": None if r.det.tissue_probs is None else dict(zip(classes, map(float, r.det.tissue_probs))),
-            "tissue_class_from_file": r.known, "model": r.info.status, "model_name": r.info.name,
+            "tissue_class_from_file": r.known,
+            "model": "; ".join(status_lines(r.info.status, r.tissue[1] if r.tissue is not None else None)),
+            "model_name": r.info.name,
             "score_threshold": float(self._score.value), "nms_iou": float(self._nms.value),
             "first_free_id": r.edits.first_free, **r.det.pixel_size.metadata(),
         }

@@ -44,11 +44,16 @@ class ModelInfo:
     @property
     def status(self) -> str:
         """One line for the UI: what this model can and cannot be trusted for."""
+        return ", ".join(self.status_parts())
+
+    def status_parts(self, tissue_status: str | None = None) -> list[str]:
+        """The nuclei's status and the tissue class's: ``tissue_status`` (a separate tissue
+        classifier's) replaces this model's own tissue head's."""
         if not self.nuclei_trained:
-            return f"{self.name}: UNTRAINED weights, masks are meaningless"
-        tissue = "tissue class trained" if self.tissue_trained else "tissue class not trained"
+            return [f"{self.name}: UNTRAINED weights, masks are meaningless", *([tissue_status] if tissue_status else [])]
         trained = f"{self.steps} steps" + (f" in {self.hours:.1f} h" if self.hours else "")
-        return f"{self.name}: nuclei trained ({trained}), {tissue}"
+        own = "tissue class trained" if self.tissue_trained else "tissue class not trained"
+        return [f"{self.name}: nuclei trained ({trained})", tissue_status or own]
 
 
 def save_checkpoint(path: str | Path, model: BachMaskRCNN, info: ModelInfo, half: bool = False,

@@ -199,7 +199,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     from .checkpoint import cached_model
     from .colour import check_colours, model_input
     from .geojson import write_tissue_geojson
-    from .tissue import cached_tissue_model, status_lines, tissue_map
+    from .tissue import cached_tissue_model, tissue_map
     from .export import write_labels_tiff
     from .geojson import write_geojson
     from .measure import hematoxylin, measure_nuclei
@@ -217,7 +217,7 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
     tissue = cached_tissue_model(tissue_model, required=Path(tissue_model) != DEFAULT_TISSUE_MODEL) if tissue_model else None
     cfg = model.config
     limits = thresholds.resolve(cfg)
-    log(f"model: {'; '.join(status_lines(info.status, tissue[1] if tissue else None))}; score ≥ {limits.score:g}, "
+    log(f"model: {'; '.join(info.status_parts(tissue[1].status if tissue else None))}; score ≥ {limits.score:g}, "
         f"NMS IoU {limits.nms_iou:g}, nuclei ≥ {limits.min_area:g} µm²")
     out = Path(out)
     slide_jobs = [job for job in jobs if is_slide(job.path)]

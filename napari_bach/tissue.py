@@ -23,7 +23,6 @@ import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -96,13 +95,6 @@ class TissueInfo:
             return "tissue class not trained"
         acc = self.metrics.get("balanced_accuracy")
         return f"tissue class trained ({self.name}" + (f", cross-validated balanced accuracy {acc:.2f})" if acc else ")")
-
-
-def status_lines(nuclei_status: str, tissue: "TissueInfo | None") -> list[str]:
-    """The nucleus model's status and the tissue class's: the tissue classifier's when one
-    is installed (the nucleus model's own tissue head is then not what answers)."""
-    parts = nuclei_status.rsplit(", ", 1)  # the name may hold commas: split off the tissue part only
-    return [parts[0], tissue.status] if tissue is not None else parts
 
 
 class TissueNet(nn.Module):
@@ -229,8 +221,7 @@ class TissueMap:
         return np.array([[*rows[(y0 + y1) / 2], *cols[(x0 + x1) / 2]] for y0, x0, y1, x1 in w])[:, [0, 2, 1, 3]]
 
 
-def tissue_map(rgb: np.ndarray, mpp: float, net: TissueNet,
-               is_glass: Callable[[np.ndarray], np.ndarray] | None = None) -> TissueMap:
+def tissue_map(rgb: np.ndarray, mpp: float, net: TissueNet) -> TissueMap:
     """Classify ``rgb`` (at ``mpp`` µm/px) in field-size windows (:func:`plan_windows`);
     windows that are almost all glass keep their probabilities but weigh little."""
     from .imageio import is_tissue
@@ -240,7 +231,7 @@ def tissue_map(rgb: np.ndarray, mpp: float, net: TissueNet,
         feats = net.field_features(rgb, mpp)[None]
     else:
         feats = net.window_features(rgb, mpp, windows)
-    mask = is_tissue(rgb) if is_glass is None else ~is_glass(rgb)
+    mask = is_tissue(rgb)
     tissue = np.array([mask[y0:y1, x0:x1].mean() if (y1 > y0 and x1 > x0) else 0.0 for y0, x0, y1, x1 in windows])
     return TissueMap(windows.astype(np.int64), net.probabilities(feats), tissue, net.config.classes)
 

@@ -89,6 +89,11 @@ def test_checkpoint_whose_weights_do_not_match_its_config(tmp_path):
 def test_untrained_status_is_said_plainly():
     assert "UNTRAINED" in ModelInfo().status
     assert "tissue class not trained" in ModelInfo(name="m", nuclei_trained=True).status
+    # a separate tissue classifier's status replaces the nucleus model's own tissue part, whole
+    assert ModelInfo(name="m, v2", nuclei_trained=True, steps=5).status_parts("tissue class trained (t)") == [
+        "m, v2: nuclei trained (5 steps)", "tissue class trained (t)"]
+    assert ModelInfo(name="u").status_parts("tissue class trained (t)") == [
+        "u: UNTRAINED weights, masks are meaningless", "tissue class trained (t)"]
 
 
 def test_pretrained_weights_fail_clearly_when_offline(monkeypatch):

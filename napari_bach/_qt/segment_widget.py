@@ -19,7 +19,7 @@ from ..measure import hematoxylin, measure_nuclei
 from ..pixelsize import EXPLICIT, PixelSize
 from ..colour import ColourCheck, check_colours, model_input
 from ..predict import iter_predict
-from ..tissue import DEFAULT_TISSUE_MODEL, TissueInfo, TissueMap, classify_image, status_lines
+from ..tissue import DEFAULT_TISSUE_MODEL, TissueInfo, TissueMap, classify_image
 from ..scale import unknown_scale_note
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, image_and_placement,
                      layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, tissue_text, wrap)
@@ -328,7 +328,7 @@ class SegmentWidget(Container):
         meta = {
             "tissue_probs": None if r.det.tissue_probs is None else dict(zip(classes, map(float, r.det.tissue_probs))),
             "tissue_class_from_file": r.known,
-            "model": "; ".join(status_lines(r.info.status, r.tissue[1] if r.tissue is not None else None)),
+            "model": "; ".join(r.info.status_parts(self._tissue_status())),
             "model_name": r.info.name,
             "score_threshold": float(self._score.value), "nms_iou": float(self._nms.value),
             "first_free_id": r.edits.first_free, **r.det.pixel_size.metadata(),
@@ -356,6 +356,10 @@ class SegmentWidget(Container):
             data, kwargs, kind = tissue_map_layer(tmap.cells(), tmap.probs, tmap.classes, r.source, r.placement)
             self._viewer.add_shapes(data, **kwargs)
 
+    def _tissue_status(self) -> str | None:
+        """The tissue classifier's status when it gave this result's class."""
+        return self.result.tissue[1].status if self.result.tissue is not None else None
+
     def _recount(self) -> None:
         """After edits in the labels layer (this dock's sliders count as they go)."""
         layer = self._labels_layer()
@@ -373,7 +377,7 @@ class SegmentWidget(Container):
         if not ps.known:
             lines.append(f"{unknown_scale_note(r.det.scale_estimate, r.model_mpp)}; sizes in pixels "
                          "(set µm/px and run again for µm)")
-        lines += status_lines(r.info.status, r.tissue[1] if r.tissue is not None else None)
+        lines += r.info.status_parts(self._tissue_status())
         if r.colours is not None and r.colours.warning:
             lines.append(f"WARNING: {r.colours.warning}")
         return "\n".join(lines)

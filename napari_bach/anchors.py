@@ -57,27 +57,98 @@ def level_anchors(generator: AnchorGenerator, height: int, width: int) -> list[t
 
 
 def label_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, fg: float = 0.7, bg: float = 0.3) -> torch.Tensor:
-    """RPN training labels: 1 positive, 0 negative, -1 ignored (torchvision's Matcher,
-    including its rule that each nucleus's best anchor is positive)."""
+    """RPN training labels from the dense IoU matrix (torchvision's ``Matcher``, including its
+    rule that each nucleus's best anchor is positive): the reference for a few anchors."""
     if len(gt_boxes) == 0:
         return torch.zeros(len(anchors), dtype=torch.int8)
-    matched = Matcher(fg, bg, allow_low_quality_matches=True)(box_iou(gt_boxes, anchors))
-    labels = torch.full((len(anchors),), IGNORED, dtype=torch.int8)
+    return _labels(Matcher(fg, bg, allow_low_quality_matches=True)(box_iou(gt_boxes, anchors)))
+
+
+def _labels(matched: torch.Tensor) -> torch.Tensor:
+    labels = torch.full((len(matched),), IGNORED, dtype=torch.int8)
     labels[matched >= 0] = POSITIVE
     labels[matched == Matcher.BELOW_LOW_THRESHOLD] = NEGATIVE
     return labels
 
 
-def _touching(a: torch.Tensor, b: torch.Tensor, chunk: int = 65536) -> Generator[Progress, None, torch.Tensor]:
-    """Which boxes of ``a`` overlap any box of ``b`` (chunked: a BACH image has ~1.6M
-    anchors); yields between chunks so a caller can report progress and cancel."""
-    out = torch.zeros(len(a), dtype=torch.bool)
-    for s in range(0, len(a), chunk):
-        c = a[s:s + chunk, None]
-        out[s:s + chunk] = ((c[..., 0] < b[:, 2]) & (c[..., 2] > b[:, 0]) & (c[..., 1] < b[:, 3])
-                            & (c[..., 3] > b[:, 1])).any(1)
-        yield Progress(min(s + chunk, len(a)), len(a), f"matching {len(a)} boxes with {len(b)}")
-    return out
+# Anchors a region may hold, with the margin its labels need: ~50 MB of boxes. A larger
+# view (all of a BACH image on P2 with five sizes is ~8 million, and labelling them
+# against every nucleus densely took napari past 19 GB) is shrunk about its centre.
+MAX_ANCHORS = 3_000_000
+MATCH_CHUNK = 256  # nuclei labelled per step: bounded memory, and Cancel is heard between steps
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The image's anchor grid per FPN level: cells, strides (model px), each cell's anchors."""
+
+    shapes: list[tuple[int, int]]
+    strides: list[tuple[int, int]]
+    cells: list[torch.Tensor]  # a × 4 per level, centred on the cell's point
+
+    @classmethod
+    def of(cls, generator: AnchorGenerator, height: int, width: int) -> "_Grid":
+        shapes = feature_sizes(height, width)
+        ph, pw = math.ceil(height / 32) * 32, math.ceil(width / 32) * 32
+        generator.set_cell_anchors(torch.float32, torch.device("cpu"))
+        return cls(shapes, [(ph // h, pw // w) for h, w in shapes], list(generator.cell_anchors))
+
+    def reach(self, level: int | None = None) -> float:
+        """How far an anchor of ``level`` (None: any level) reaches from its cell's point (model px)."""
+        cells = self.cells if level is None else [self.cells[level]]
+        return float(max(c.abs().max() for c in cells))
+
+    def span(self, level: int, box) -> tuple[int, int, int, int]:
+        """Cells (y0, y1, x0, x1, half-open) of ``level`` whose point lies in ``box`` (x0 y0 x1 y1)."""
+        (h, w), (sy, sx) = self.shapes[level], self.strides[level]
+        x0, x1 = (min(w, max(0, math.ceil(v / sx))) for v in (box[0], box[2]))
+        y0, y1 = (min(h, max(0, math.ceil(v / sy))) for v in (box[1], box[3]))
+        return y0, max(y0, y1), x0, max(x0, x1)
+
+    def count(self, boxes) -> int:
+        """Anchors whose point lies in ``boxes`` (one box per level)."""
+        spans = (self.span(i, box) for i, box in enumerate(boxes))
+        return sum((y1 - y0) * (x1 - x0) * len(c) for (y0, y1, x0, x1), c in zip(spans, self.cells))
+
+    def margins(self, box) -> list[tuple[float, float, float, float]]:
+        """Per level, ``box`` grown by what labelling its anchors needs: the anchors of
+        that level that can overlap a nucleus any anchor of the box touches."""
+        far = self.reach()
+        return [_grow(box, far + self.reach(i)) for i in range(len(self.cells))]
+
+    def part(self, boxes) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+        """The anchors whose point lies in ``boxes`` (one box per level), in torchvision's
+        order (level, row, column, shape), their levels, and the part's grid shapes and
+        strides for sparse matching."""
+        boxes_out, levels, shapes = [], [], []
+        for i, (cell, box) in enumerate(zip(self.cells, boxes)):
+            y0, y1, x0, x1 = self.span(i, box)
+            sy, sx = self.strides[i]
+            ys, xs = torch.meshgrid(torch.arange(y0, y1) * sy, torch.arange(x0, x1) * sx, indexing="ij")
+            shifts = torch.stack([xs, ys, xs, ys], -1).reshape(-1, 1, 4).float()
+            boxes_out.append((shifts + cell.view(1, -1, 4)).reshape(-1, 4))
+            levels.append(torch.full((len(boxes_out[-1]),), i))
+            shapes.append((y1 - y0, x1 - x0))
+        return torch.cat(boxes_out), torch.cat(levels), shapes, self.strides
+
+
+def _grow(box, by: float) -> tuple[float, float, float, float]:
+    return box[0] - by, box[1] - by, box[2] + by, box[3] + by
+
+
+def fit_region(grid: _Grid, region, max_anchors: int) -> tuple[tuple[float, float, float, float], bool]:
+    """``region`` (model px), shrunk about its centre until it and the margin its labels
+    need hold at most ``max_anchors``; and whether it was shrunk."""
+    box, shrunk = tuple(float(c) for c in region), False
+    for _ in range(20):
+        n = grid.count(grid.margins(box))
+        if n <= max_anchors:
+            break
+        k = 0.95 * math.sqrt(max_anchors / n)
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        hw, hh = (box[2] - box[0]) / 2 * k, (box[3] - box[1]) / 2 * k
+        box, shrunk = (cx - hw, cy - hh, cx + hw, cy + hh), True
+    return box, shrunk
 
 
 @dataclass
@@ -88,6 +159,9 @@ class AnchorView:
     counts: dict = field(default_factory=dict)  # over all anchors in the region, not only drawn
     total: int = 0
     capped: bool = False
+    region: tuple[float, float, float, float] = (0, 0, 0, 0)  # the region shown, image px
+    shrunk: bool = False  # the region asked for held more than ``limit`` anchors: its centre is shown
+    limit: int = 0
 
 
 def anchors_in_region(*args, **kwargs) -> AnchorView:
@@ -98,34 +172,56 @@ def anchors_in_region(*args, **kwargs) -> AnchorView:
 def iter_anchors_in_region(generator: AnchorGenerator, image_hw: tuple[int, int], factor: float,
                            region: tuple[float, float, float, float], levels: list[int],
                            gt_boxes: np.ndarray | None = None, fg: float = 0.7, bg: float = 0.3,
-                           max_drawn: int = 5000, seed: int = 0) -> Generator[Progress, None, AnchorView]:
+                           max_drawn: int = 5000, seed: int = 0, max_anchors: int | None = None
+                           ) -> Generator[Progress, None, AnchorView]:
     """Anchors whose centre lies in ``region`` (image px, x0 y0 x1 y1) on the chosen levels.
 
-    ``factor`` = image µm/px ÷ model µm/px. Labels use every level in the region, as the
-    RPN matches nuclei against all anchors; counts are exact, drawing is capped. Yields
-    progress between steps (a napari worker can cancel there)."""
+    ``factor`` = image µm/px ÷ model µm/px. Labels are the RPN's: every level, and every
+    anchor of the image a nucleus touching the region overlaps (its best anchor may lie
+    outside), matched sparsely (:func:`napari_bach.rpn.iter_sparse_match`). Counts are exact,
+    drawing is capped at ``max_drawn``, and the work at ``max_anchors`` (default
+    :data:`MAX_ANCHORS`): a larger region is
+    shrunk about its centre (``AnchorView.shrunk``). Yields progress between steps (a napari
+    worker can cancel there)."""
+    from .rpn import iter_sparse_match
+
     h, w = (max(1, round(s * factor)) for s in image_hw)
-    x0, y0, x1, y1 = (c * factor for c in region)
     yield Progress(0, 3, "anchor grid")
-    per_level = level_anchors(generator, h, w)
-    everywhere = torch.cat(per_level)
-    lvl = torch.cat([torch.full((len(a),), i) for i, a in enumerate(per_level)])
-    cx, cy = (everywhere[:, 0] + everywhere[:, 2]) / 2, (everywhere[:, 1] + everywhere[:, 3]) / 2
-    inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
-    boxes, lvl = everywhere[inside], lvl[inside]
+    grid = _Grid.of(generator, h, w)
+    max_anchors = max_anchors or MAX_ANCHORS
+    box, shrunk = fit_region(grid, tuple(c * factor for c in region), max_anchors)
+    reach = grid.reach()
     labels = None
-    if gt_boxes is not None:
-        yield Progress(1, 3, f"labelling {len(boxes)} anchors")
+    if gt_boxes is None:
+        boxes, lvl, _, _ = grid.part([box] * len(grid.cells))
+    else:
         gt = torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4) * factor
-        labels = torch.full((len(boxes),), NEGATIVE, dtype=torch.int8)  # IoU 0 with every nucleus
-        gt = gt[(yield from _touching(gt, boxes))]  # the only nuclei that can label anchors of this region
+        near = _grow(box, reach)  # where the region's anchors reach
+        gt = gt[(gt[:, 0] < near[2]) & (gt[:, 2] > near[0]) & (gt[:, 1] < near[3]) & (gt[:, 3] > near[1])]
+        domain = [box] * len(grid.cells)  # and every anchor those nuclei overlap, within a bounded margin
         if len(gt):
-            # Match against every anchor of the image that touches them, as the RPN does:
-            # a nucleus's "best anchor" may lie outside the region.
-            near = yield from _touching(everywhere, gt)
-            all_labels = torch.full((len(everywhere),), NEGATIVE, dtype=torch.int8)
-            all_labels[near] = label_anchors(everywhere[near], gt, fg, bg)
-            labels = all_labels[inside]
+            lo, hi = gt[:, :2].min(0).values.tolist(), gt[:, 2:].max(0).values.tolist()
+            domain = []
+            for i, outer in enumerate(grid.margins(box)):
+                r = grid.reach(i)
+                domain.append((max(outer[0], min(box[0], lo[0] - r)), max(outer[1], min(box[1], lo[1] - r)),
+                               min(outer[2], max(box[2], hi[0] + r)), min(outer[3], max(box[3], hi[1] + r))))
+        anchors, lvl, shapes, strides = grid.part(domain)
+        yield Progress(1, 3, f"labelling {len(anchors):,} anchors against {len(gt)} nuclei")
+        cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
+        inside = (cx >= box[0]) & (cx < box[2]) & (cy >= box[1]) & (cy < box[3])
+        all_labels = torch.full((len(anchors),), NEGATIVE, dtype=torch.int8)  # IoU 0 with every nucleus
+        if len(gt):
+            matching = iter_sparse_match(Matcher(fg, bg, allow_low_quality_matches=True), gt, anchors, shapes,
+                                         strides, [len(c) for c in grid.cells], MATCH_CHUNK)
+            while True:
+                try:
+                    done, of = next(matching)
+                except StopIteration as end:
+                    all_labels = _labels(end.value[0])
+                    break
+                yield Progress(1 + done / of, 3, f"labelling anchors: {done} of {of} nuclei")
+        boxes, lvl, labels = anchors[inside], lvl[inside], all_labels[inside]
     yield Progress(2, 3, "choosing anchors to draw")
     chosen = torch.isin(lvl, torch.tensor(levels))
     boxes, lvl = boxes[chosen], lvl[chosen]
@@ -137,12 +233,13 @@ def iter_anchors_in_region(generator: AnchorGenerator, image_hw: tuple[int, int]
     idx = np.arange(len(boxes))
     if len(idx) > max_drawn:  # every positive first (they are few and the point), then a sample
         rng = np.random.default_rng(seed)
-        pos = idx[labels.numpy() == POSITIVE] if labels is not None else idx[:0]
-        rest = np.setdiff1d(idx, pos)
+        positive = labels.numpy() == POSITIVE if labels is not None else np.zeros(len(idx), bool)
+        pos, rest = idx[positive], idx[~positive]
         idx = np.sort(np.concatenate([pos[:max_drawn], rng.choice(rest, max(0, max_drawn - len(pos)), replace=False)]))
     yield Progress(3, 3, f"{len(idx)} of {len(boxes)} anchors to draw")
     return AnchorView((boxes[idx] / factor).numpy(), lvl[idx].numpy(),
-                      None if labels is None else labels[idx].numpy(), counts, len(boxes), len(idx) < len(boxes))
+                      None if labels is None else labels[idx].numpy(), counts, len(boxes), len(idx) < len(boxes),
+                      tuple(c / factor for c in box), shrunk, max_anchors)
 
 
 @dataclass

@@ -72,61 +72,99 @@ class NucleusRPN(RegionProposalNetwork):
 
     def match(self, gt: Tensor, anchors: Tensor) -> Tensor:
         """torchvision's ``Matcher`` result, from the overlapping (nucleus, anchor) pairs only."""
-        g_idx, a_idx = self._overlapping_pairs(gt, anchors)
-        n, m = anchors.shape[0], gt.shape[0]
-        if g_idx is None:  # grid unknown: torchvision's dense matching
+        grids = getattr(self, "_grids", None)
+        per_cell = self.anchor_generator.num_anchors_per_location()
+        if grids is None or sum(h * w * a for (h, w), a in zip(grids, per_cell)) != anchors.shape[0]:
+            return self.proposal_matcher(box_iou(gt, anchors))  # grid unknown: torchvision's dense matching
+        strides = [(self._image_size[0] // h, self._image_size[1] // w) for h, w in grids]
+        gen = iter_sparse_match(self.proposal_matcher, gt, anchors, grids, strides, per_cell)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as done:
+                matches, lonely = done.value
+                break
+        if lonely:  # a box overlapping no anchor: torchvision's dense rule applies
             return self.proposal_matcher(box_iou(gt, anchors))
-        iou = _paired_iou(gt[g_idx], anchors[a_idx])
-        best = torch.zeros(n, dtype=iou.dtype, device=iou.device).scatter_reduce_(0, a_idx, iou, "amax")
-        # the lowest nucleus index among ties, as a dense max over nuclei returns
-        is_best = iou == best[a_idx]
-        first = torch.full((n,), m, dtype=torch.long, device=iou.device).scatter_reduce_(
-            0, a_idx[is_best], g_idx[is_best], "amin")
-        all_matches = torch.where(first < m, first, torch.zeros_like(first))
-        matcher = self.proposal_matcher
-        matches = all_matches.clone()
-        matches[best < matcher.low_threshold] = matcher.BELOW_LOW_THRESHOLD
-        matches[(best >= matcher.low_threshold) & (best < matcher.high_threshold)] = matcher.BETWEEN_THRESHOLDS
-        if matcher.allow_low_quality_matches:
-            per_gt = torch.zeros(m, dtype=iou.dtype, device=iou.device).scatter_reduce_(0, g_idx, iou, "amax")
-            if (per_gt <= 0).any():  # a box overlapping no anchor: torchvision's dense rule applies
-                return self.proposal_matcher(box_iou(gt, anchors))
-            top = a_idx[iou == per_gt[g_idx]]
-            matches[top] = all_matches[top]
         return matches
 
     def _overlapping_pairs(self, gt: Tensor, anchors: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """(nucleus, anchor) index pairs whose boxes can overlap: per level and anchor
-        shape, the window of grid cells around each box."""
+        """(nucleus, anchor) index pairs whose boxes can overlap (None: grid unknown)."""
         grids = getattr(self, "_grids", None)
         per_cell = self.anchor_generator.num_anchors_per_location()
         if grids is None or sum(h * w * a for (h, w), a in zip(grids, per_cell)) != anchors.shape[0]:
             return None, None
-        pairs_g, pairs_a = [], []
-        offset = 0
-        for (h, w), a in zip(grids, per_cell):
-            level = anchors[offset : offset + h * w * a].view(h, w, a, 4)
-            base = level[0, 0]  # each shape's box at cell (0, 0): a × 4
-            sy, sx = self._image_size[0] // h, self._image_size[1] // w
-            # first and last cell, per nucleus and shape, whose anchor overlaps the box
-            x_lo = (torch.floor((gt[:, None, 0] - base[None, :, 2]) / sx).long() + 1).clamp(0, w - 1)
-            x_hi = (torch.ceil((gt[:, None, 2] - base[None, :, 0]) / sx).long() - 1).clamp(-1, w - 1)
-            y_lo = (torch.floor((gt[:, None, 1] - base[None, :, 3]) / sy).long() + 1).clamp(0, h - 1)
-            y_hi = (torch.ceil((gt[:, None, 3] - base[None, :, 1]) / sy).long() - 1).clamp(-1, h - 1)
-            wx, wy = int((x_hi - x_lo + 1).max()), int((y_hi - y_lo + 1).max())
-            if wx > 0 and wy > 0:
-                steps_x = torch.arange(wx, device=gt.device)
-                steps_y = torch.arange(wy, device=gt.device)
-                valid = ((steps_x <= (x_hi - x_lo)[..., None])[:, :, None, :]
-                         & (steps_y <= (y_hi - y_lo)[..., None])[:, :, :, None])  # G × a × wy × wx
-                g, k, dy, dx = valid.nonzero(as_tuple=True)
-                cell = (y_lo[g, k] + dy) * w + x_lo[g, k] + dx
-                pairs_g.append(g)
-                pairs_a.append(offset + cell * a + k)
-            offset += h * w * a
-        if not pairs_g:
-            return None, None
-        return torch.cat(pairs_g), torch.cat(pairs_a)
+        strides = [(self._image_size[0] // h, self._image_size[1] // w) for h, w in grids]
+        return overlapping_pairs(gt, anchors, grids, strides, per_cell)
+
+
+def overlapping_pairs(gt: Tensor, anchors: Tensor, grids, strides, per_cell) -> tuple[Tensor, Tensor]:
+    """(nucleus, anchor) index pairs whose boxes can overlap. ``anchors`` are laid out as
+    torchvision's grid anchors are, level after level, each an (h, w, a) grid of cells
+    ``strides`` (sy, sx) apart; its first cell need not be the image's (a part of the grid)."""
+    pairs_g, pairs_a = [gt.new_zeros(0, dtype=torch.long)], [gt.new_zeros(0, dtype=torch.long)]
+    offset = 0
+    for (h, w), (sy, sx), a in zip(grids, strides, per_cell):
+        if h * w == 0:
+            continue
+        level = anchors[offset : offset + h * w * a].view(h, w, a, 4)
+        base = level[0, 0]  # each shape's box at the first cell: a × 4
+        # first and last cell, per nucleus and shape, whose anchor overlaps the box
+        x_lo = (torch.floor((gt[:, None, 0] - base[None, :, 2]) / sx).long() + 1).clamp(0, w - 1)
+        x_hi = (torch.ceil((gt[:, None, 2] - base[None, :, 0]) / sx).long() - 1).clamp(-1, w - 1)
+        y_lo = (torch.floor((gt[:, None, 1] - base[None, :, 3]) / sy).long() + 1).clamp(0, h - 1)
+        y_hi = (torch.ceil((gt[:, None, 3] - base[None, :, 1]) / sy).long() - 1).clamp(-1, h - 1)
+        wx, wy = int((x_hi - x_lo + 1).max()), int((y_hi - y_lo + 1).max())
+        if wx > 0 and wy > 0:
+            steps_x = torch.arange(wx, device=gt.device)
+            steps_y = torch.arange(wy, device=gt.device)
+            valid = ((steps_x <= (x_hi - x_lo)[..., None])[:, :, None, :]
+                     & (steps_y <= (y_hi - y_lo)[..., None])[:, :, :, None])  # G × a × wy × wx
+            g, k, dy, dx = valid.nonzero(as_tuple=True)
+            cell = (y_lo[g, k] + dy) * w + x_lo[g, k] + dx
+            pairs_g.append(g)
+            pairs_a.append(offset + cell * a + k)
+        offset += h * w * a
+    return torch.cat(pairs_g), torch.cat(pairs_a)
+
+
+def iter_sparse_match(matcher, gt: Tensor, anchors: Tensor, grids, strides, per_cell, chunk: int = 0):
+    """torchvision's ``Matcher(box_iou(gt, anchors))`` from the overlapping pairs only, ``chunk``
+    nuclei at a time (0: all at once) with a yield between chunks, so memory stays bounded
+    by the chunk and a caller can report progress or stop. Returns the matches and whether
+    some box overlaps no anchor (it then has no low-quality match here; torchvision's dense
+    rule would make every anchor it does not touch its match)."""
+    n, m = anchors.shape[0], gt.shape[0]
+    best = torch.zeros(n, dtype=anchors.dtype, device=anchors.device)
+    first = torch.full((n,), m, dtype=torch.long, device=anchors.device)
+    low_quality, lonely = [], False
+    step = chunk or max(1, m)
+    for start in range(0, m, step):
+        g, a = overlapping_pairs(gt[start:start + step], anchors, grids, strides, per_cell)
+        g = g + start
+        iou = _paired_iou(gt[g], anchors[a])
+        before = best[a]
+        best.scatter_reduce_(0, a, iou, "amax")
+        now = best[a]
+        # the lowest nucleus index among ties, as a dense max over nuclei returns; an earlier
+        # chunk's nuclei have lower indices, so only anchors this chunk raised change
+        raised = (iou == now) & (now > before)
+        first[a[raised]] = m
+        first.scatter_reduce_(0, a[raised], g[raised], "amin")
+        if matcher.allow_low_quality_matches:
+            per_gt = torch.zeros(min(step, m - start), dtype=iou.dtype, device=iou.device).scatter_reduce_(
+                0, g - start, iou, "amax")
+            lonely |= bool((per_gt <= 0).any())
+            low_quality.append(a[(iou == per_gt[g - start]) & (iou > 0)])
+        yield min(start + step, m), m
+    all_matches = torch.where(first < m, first, torch.zeros_like(first))
+    matches = all_matches.clone()
+    matches[best < matcher.low_threshold] = matcher.BELOW_LOW_THRESHOLD
+    matches[(best >= matcher.low_threshold) & (best < matcher.high_threshold)] = matcher.BETWEEN_THRESHOLDS
+    if low_quality:
+        top = torch.cat(low_quality)
+        matches[top] = all_matches[top]
+    return matches, lonely
 
 
 def _paired_iou(a: Tensor, b: Tensor) -> Tensor:

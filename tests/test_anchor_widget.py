@@ -122,3 +122,21 @@ def test_cancel_stops_anchors_on_a_large_view(make_napari_viewer, qtbot, tiny_ch
     w.task.cancel()
     qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
     assert "Cancelled" in w._status.value and "anchors" not in viewer.layers and w._show_anchors.enabled
+
+
+def test_a_view_with_too_many_anchors_shows_its_centre_and_says_so(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                   monkeypatch):
+    """A whole BACH image on P2 with five sizes took napari past 19 GB: the work is capped."""
+    import napari_bach.anchors as anchors
+
+    monkeypatch.setattr(anchors, "MAX_ANCHORS", 400_000)
+    viewer, w, _ = _setup(make_napari_viewer, tiny_checkpoint, shape=(1000, 1200))
+    viewer.reset_view()
+    w._nuclei.value = viewer.layers["truth"]
+    w._levels.value = ["P2"]
+    w._sizes.value = "8,11,16,23,32 16,23 32,45 64,91 128,181"
+    w.show_anchors()
+    _wait(qtbot, w)
+    assert "only its centre" in w._status.value and "400,000" in w._status.value
+    centres = (viewer.layers["anchors"].data[0][0] + viewer.layers["anchors"].data[0][2]) / 2
+    assert len(viewer.layers["anchors"].data) > 0 and np.isfinite(centres).all()

@@ -89,3 +89,50 @@ def test_proposals_before_and_after_nms(tiny_checkpoint):
     assert before.boxes[:, 0].min() >= 20 - 1e-3 and before.boxes[:, 2].max() <= 280 + 1e-3
     pair = box_iou(torch.from_numpy(after.boxes), torch.from_numpy(after.boxes)).fill_diagonal_(0)
     assert pair.max() <= 0.5 + 1e-5
+
+
+def test_region_labels_equal_torchvisions_dense_labels_of_the_whole_image():
+    cfg = tiny_config()
+    gen = make_generator(cfg.anchor_sizes, cfg.aspect_ratios)
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 280, (120, 2))
+    gt = np.concatenate([xy, xy + rng.uniform(6, 30, (120, 2))], 1).astype(np.float32)
+    everywhere = torch.cat(level_anchors(gen, 300, 320))
+    dense = label_anchors(everywhere, torch.as_tensor(gt))
+    key = {tuple(b): int(l) for b, l in zip(everywhere.numpy().round(3).tolist(), dense.tolist())}
+    region = (40, 30, 200, 170)
+    view = anchors_in_region(gen, (300, 320), 1.0, region, [0, 1, 2, 3, 4], gt, max_drawn=10**7)
+    assert not view.shrunk and view.total == len(view.boxes)
+    assert [key[tuple(b)] for b in view.boxes.round(3).tolist()] == view.labels.tolist()
+    assert view.counts["positive"] > 20
+
+
+def test_a_view_with_too_many_anchors_is_shrunk_about_its_centre(monkeypatch):
+    """All of a BACH image on P2 with five anchor sizes is ~8 million anchors: the work is
+    capped (what is generated and labelled), the centre of the view is shown, and said."""
+    import napari_bach.anchors as anchors
+
+    sizes = ((8, 11, 16, 23, 32),) * 5
+    gen = make_generator(sizes, (0.5, 1.0, 2.0))
+    made = []
+    part = anchors._Grid.part
+    monkeypatch.setattr(anchors._Grid, "part", lambda self, boxes: made.append(self.count(boxes)) or part(self, boxes))
+    rng = np.random.default_rng(0)
+    xy = rng.uniform([824, 618], [1200, 900], (3000, 2))  # crowded about the centre the view shrinks to
+    gt = np.concatenate([xy, xy + rng.uniform(8, 25, (3000, 2))], 1).astype(np.float32)
+    steps = []
+    it = anchors.iter_anchors_in_region(gen, (1536, 2048), 0.42 / 0.3, (0, 0, 2048, 1536), [0], gt,
+                                        max_anchors=400_000)
+    while True:
+        try:
+            steps.append(next(it))
+        except StopIteration as end:
+            view = end.value
+            break
+    assert view.shrunk and max(made) <= 400_000
+    x0, y0, x1, y1 = view.region
+    assert abs((x0 + x1) / 2 - 1024) < 1 and abs((y0 + y1) / 2 - 768) < 1 and x1 - x0 < 2048
+    centres = (view.boxes[:, :2] + view.boxes[:, 2:]) / 2
+    assert (centres >= [x0 - 1, y0 - 1]).all() and (centres <= [x1 + 1, y1 + 1]).all()
+    labelling = [s for s in steps if "labelling" in s.message]
+    assert len(labelling) >= 2  # Cancel is heard between chunks of nuclei

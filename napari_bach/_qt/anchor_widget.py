@@ -14,8 +14,8 @@ from magicgui.widgets import Container, FloatSpinBox, LineEdit, PushButton, Sele
 from ..anchors import IGNORED, LEVELS, NEGATIVE, POSITIVE, iter_anchors_in_region, iter_proposals, make_generator
 from ..checkpoint import cached_model
 from ..edit import segmentation_from_labels
-from .common import (EXPECTED_ERRORS, BackgroundTask, ModelPicker, RegionPicker, image_and_placement, layer_pixel_size,
-                     layer_rgb, row)
+from .common import (EXPECTED_ERRORS, BackgroundTask, ModelPicker, RegionPicker, image_and_placement,
+                      layer_pixel_size, layer_rgb, row, scrolling)
 from .layers import box_corners
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class AnchorWidget(Container):
         self.extend([self._image, *self.model.widgets, self._levels, self._sizes, self._ratios, self._region,
                      self._region_layer, self._nuclei, self._fg, self._bg, self._cap, self._show_anchors, self._k,
                      self._nms, row(self._show_proposals, self._cancel), self._progress, self._status])
+        scrolling(self)
         self._show_anchors.changed.connect(self.show_anchors)
         self._show_proposals.changed.connect(self.show_proposals)
 
@@ -113,6 +114,7 @@ class AnchorWidget(Container):
 
     def _on_anchors(self, views: list, placement: dict, labelled: bool) -> None:
         boxes, colours, feats, counts, capped = [], [], {"level": [], "label": []}, {}, False
+        shrunk = [view for view in views if view.shrunk]
         names = {POSITIVE: "positive", NEGATIVE: "negative", IGNORED: "ignored"}
         for view in views:
             capped |= view.capped
@@ -131,6 +133,10 @@ class AnchorWidget(Container):
         text = ", ".join(f"{v} {k}" for k, v in counts.items())
         if capped:
             text += f"\ndrawing {len(boxes)} of them:\nevery positive, then a random sample"
+        if shrunk:
+            x0, y0, x1, y1 = shrunk[0].region
+            text += (f"\nthe view holds more than {shrunk[0].limit:,} anchors: only its centre\n"
+                     f"({x1 - x0:.0f} × {y1 - y0:.0f} px) is shown; zoom in or draw a box for another part")
         if not labelled:
             text += "\nchoose a Nuclei labels layer to colour\nanchors by their training label"
         self._status.value = text

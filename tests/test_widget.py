@@ -401,3 +401,26 @@ def test_the_count_follows_edits_made_in_another_dock(viewer, qtbot, tiny_checkp
     layer.data = data  # as Correct, export & report writes its edits
     left = len(np.unique(data)) - 1
     qtbot.waitUntil(lambda: w._status.value.startswith(f"{left} nuclei"), timeout=5_000)
+
+
+def test_three_docks_fit_a_1000_px_screen_and_scroll(make_napari_viewer, qtbot):
+    """With Segment nuclei, Correct, export & report and Fine-tune open, the window grew
+    past a 1000 px screen and cut off the status lines: each dock now scrolls instead."""
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    docks = [viewer.window.add_plugin_dock_widget("napari-bach", name)[1]
+             for name in ("Segment nuclei", "Correct, export & report", "Fine-tune on corrections")]
+    qtbot.wait(200)
+    assert window.height() <= 1000
+    for dock in docks:
+        area = dock.native.findChild(QScrollArea)
+        assert area is not None and area.height() > 60  # each keeps a usable share
+        area.verticalScrollBar().setValue(area.verticalScrollBar().maximum())
+    status = docks[2]._status.native
+    qtbot.wait(50)
+    area = docks[2].native.findChild(QScrollArea)
+    top = status.mapTo(area.viewport(), status.rect().topLeft()).y()
+    assert 0 <= top < area.viewport().height()  # the bottom rows are reachable by scrolling

@@ -319,3 +319,68 @@ def check_output_file(path: Path, suffix: str) -> Path:
     if not path.parent.is_dir():
         raise ValueError(f"folder {path.parent} does not exist")
     return path
+
+
+def scrolling(container: Container) -> None:
+    """Put a dock's rows in a scroll area inside its own widget: with several docks open
+    each shrinks and scrolls instead of growing the window past the screen. (magicgui's
+    ``scrollable=True`` cannot: napari docks ``.native``, the widget inside that scroll
+    area.) The rows' layout moves as it is, so the container still adds and removes rows."""
+    from qtpy.QtCore import QSize, Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
+
+    class Area(QScrollArea):
+        def sizeHint(self) -> QSize:  # as tall as the rows when there is room
+            hint = self.widget().sizeHint()
+            return QSize(hint.width() + self.verticalScrollBar().sizeHint().width(), hint.height() + 2)
+
+        def minimumSizeHint(self) -> QSize:  # never narrower than the rows, however short
+            width = self.widget().minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
+            return QSize(width, min(120, self.widget().minimumSizeHint().height()))
+
+    outer = container.native
+    rows = outer.layout()
+    inner = QWidget()
+    inner.setLayout(rows)  # takes the layout and reparents its widgets
+    rows.addStretch(1)  # spare height below the rows, not between them
+    area = Area()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setWidget(inner)
+    layout = QVBoxLayout(outer)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(area)
+    outer.installEventFilter(_ShareHeight(outer))
+
+
+def _share_height(widget) -> None:
+    """The docks beside ``widget``'s in its window area, each as tall as its rows when they
+    fit, scaled down together when not (Qt leaves a newly added dock at its minimum)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+    dock = widget.parent()
+    window = dock.parent() if isinstance(dock, QDockWidget) else None
+    if not isinstance(window, QMainWindow) or dock.isFloating():
+        return
+    area = window.dockWidgetArea(dock)
+    docks = [d for d in window.findChildren(QDockWidget)
+             if d.isVisible() and not d.isFloating() and window.dockWidgetArea(d) == area]
+    window.resizeDocks(docks, [d.sizeHint().height() for d in docks], Qt.Orientation.Vertical)
+
+
+def _share_height_filter():
+    from qtpy.QtCore import QEvent, QObject, QTimer
+
+    class ShareHeight(QObject):
+        def eventFilter(self, obj, event) -> bool:
+            if event.type() == QEvent.Type.Show:
+                QTimer.singleShot(0, lambda: _share_height(obj))
+            return False
+
+    return ShareHeight
+
+
+def _ShareHeight(parent):  # noqa: N802 - a QObject class made on first use (qtpy imported lazily)
+    return _share_height_filter()(parent)

@@ -20,7 +20,7 @@ from ..geojson import write_geojson
 from ..measure import hematoxylin, measure_nuclei
 from ..report import report_numbers, write_nuclei_csv, write_report
 from .common import (check_output_file, layer_rgb, layer_tissue_class, put_result_layer, recent, result_pixel_size,
-                     row, wrap)
+                      row, scrolling, wrap)
 from .layers import ROLE_KEY, result_layers
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class CurateWidget(Container):
                      row(self._min_area, self._remove_small, label="Min area µm²"), self._tissue, self._dataset,
                      self._sample, self._on_exists, self._export, self._figure_mode, self._figure, self._report,
                      row(self._save_figure, self._save_report), self._status])
+        scrolling(self)
         self.numbers: dict | None = None
         self._new.changed.connect(self.paint_new)
         self._delete.changed.connect(self.delete_selected)

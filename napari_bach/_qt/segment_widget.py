@@ -22,7 +22,8 @@ from ..predict import iter_predict
 from ..tissue import DEFAULT_TISSUE_MODEL, TissueInfo, TissueMap, classify_image
 from ..scale import unknown_scale_note
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, image_and_placement,
-                     layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, tissue_text, wrap)
+                      layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, scrolling, tissue_text,
+                      wrap)
 from .layers import OUTLINE_PX, result_layers, tissue_map_layer, write_changed_nuclei
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ class SegmentWidget(Container):
         self.extend([self._image, self.model.choice, self.model.file, row(self.model.device, self._tta, label="Device"),
                      self._gray, self._mpp, self._score, self._nms, self._area_row,
                      row(self._run, self._cancel), self._progress, self._status, self._tissue])
+        scrolling(self)
         wrap(self._tissue)
         from qtpy.QtCore import QTimer
 

@@ -18,7 +18,7 @@ from ..predict import available_devices
 from ..slide import SlideResult, iter_segment_slide, slide_tissue
 from ..tissue import DEFAULT_TISSUE_MODEL
 from ..slideio import open_slide
-from .common import BackgroundTask, ModelPicker, RegionPicker, layer_pixel_size, row
+from .common import BackgroundTask, ModelPicker, RegionPicker, layer_pixel_size, row, scrolling
 from .layers import ROLE_KEY, tissue_map_layer
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ class SlideWidget(Container):
         self._cancel, self._progress, self._status = self.task.widgets
         self.extend([self._image, *self.model.widgets, self._region, self._region_layer, self._out,
                      self._block, row(self._run, self._cancel), self._progress, self._status])
+        scrolling(self)
         self._run.changed.connect(self.run)
         self.result: SlideResult | None = None
 

@@ -1,60 +1,139 @@
-"""Benchmark: fine-tuning on a user's corrections, on real tissue, on the CPU.
+"""Benchmark: does fine-tuning on a user's corrections help, on real tissue, on the CPU?
 
-Three MoNuSeg breast images from ../shared/data stand for a pathologist's corrected
-exports (written with napari-bach's own export, in a temporary folder): two train, the
-last by name is held out. The model is fine-tuned for ``--minutes`` (the same
-``finetune`` as the dock and ``python -m src_train finetune``), then both models are scored
-on the held-out breast image and on a held-out image of another organ and source
-(CPM-15 image12, brain/head-and-neck, not used by the shipped model's training), to show
-nothing else got worse.
+A lab's corrections stand in as exact labels of one source where the shipped model is
+weak, exported with napari-bach's own ``export_sample`` into a temporary dataset; other
+images of the *same* source are held out of the dataset and scored before and after, with
+every other validation group of ``src_train/shared_data.toml`` (the replay must keep them).
 
-    python bench/finetune.py [--minutes 10] [--model napari_bach/models/default.pt] [--threads 2]
+- ``consep``: CoNSeP's held-out source image (``test_1``, colon, 16 patches of 256²): the
+  first 8 patches are the corrections, the last 8 are held out.
+- ``e2``: MoNuSeg breast hospital E2: TCGA-E2-A14V cut into four 500² corrections,
+  TCGA-E2-A1B5 (another patient) held out.
+
+Fine-tuning is the same ``finetune`` as the dock and ``python -m src_train finetune``
+(replay of the training data on, as there by default), with ``--minutes`` of budget.
+
+    python bench/finetune.py --source consep --minutes 15 [--threads 2] [--lr ... --parts ... --ema ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-BREAST = ("TCGA-A7-A13E-01Z-00-DX1", "TCGA-A7-A13F-01Z-00-DX1", "TCGA-AR-A1AK-01Z-00-DX1")
+ROOT = Path(__file__).resolve().parents[1]
+DATA_LIST = ROOT / "src_train" / "shared_data.toml"
+E2_CORRECTIONS, E2_HELD = "TCGA-E2-A14V-01Z-00-DX1", "TCGA-E2-A1B5-01Z-00-DX1"
+
+
+def quadrants(sample, size: int = 500) -> list:
+    """A 1000² image as four exported-size corrections (labels relabelled per piece)."""
+    from skimage.segmentation import relabel_sequential
+
+    out = []
+    for i, y in enumerate(range(0, sample.image.shape[0] - size + 1, size)):
+        for j, x in enumerate(range(0, sample.image.shape[1] - size + 1, size)):
+            labels = relabel_sequential(sample.labels[y:y + size, x:x + size])[0]
+            out.append(replace(sample, image=sample.image[y:y + size, x:x + size].copy(), labels=labels,
+                               name=f"{sample.name}_q{i}{j}"))
+    return out
+
+
+def lab(source: str, val: dict) -> tuple[list, list, dict]:
+    """(corrections, same-source held-out images, the other validation groups)."""
+    others = {k: list(v) for k, v in val.items()}
+    if source == "consep":
+        patches = sorted(others.pop("consep"), key=lambda s: s.name)
+        return patches[:8], patches[8:], others
+    breast = others.pop("monuseg")
+    by_name = {s.name: s for s in breast}
+    others["monuseg (A7, AR)"] = [s for s in breast if "-E2-" not in s.name]
+    return quadrants(by_name[E2_CORRECTIONS]), [by_name[E2_HELD]], others
 
 
 def main() -> None:
     from napari_bach.checkpoint import DEFAULT_MODEL, load_checkpoint
     from napari_bach.export import export_sample
-    from src_train.datasets import load_monuseg
-    from src_train.finetune import finetune, format_table, score
-    from src_train.sources import Source
+    from napari_bach.model import with_settings
+    from src_train.finetune import Recipe, finetune, format_table, score
+    from src_train.sources import load_sources, read_data_list
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--source", choices=["consep", "e2"], default="consep")
+    parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-replay", action="store_true")
+    parser.add_argument("--lr", type=float, default=Recipe.lr)
+    parser.add_argument("--parts", default=Recipe.parts)
+    parser.add_argument("--ema", type=float, default=Recipe.ema)
+    parser.add_argument("--patience", type=int, default=Recipe.patience)
+    parser.add_argument("--keep-threshold", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--track", action="store_true",
+                        help="also score the same-source held-out images at every check (slower; diagnostics)")
+    parser.add_argument("--check-every", type=int, default=Recipe.check_every)
+    parser.add_argument("--replay-share", type=float, default=Recipe.replay_share)
+    parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--out", default=None, help="keep the fine-tuned model here (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    monuseg = {s.name: s for s in load_monuseg(SHARED / "monuseg-train")}
-    other = next(s for s in Source("cpm15", SHARED / "cpm15", 0.25, {"image0[1-7]": 0.5}).load() if s.name == "image12")
+    recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, patience=args.patience,
+                    choose_threshold=not args.keep_threshold, check_every=args.check_every,
+                    replay_share=args.replay_share)
+    split = load_sources(read_data_list(DATA_LIST))
+    corrections, held, others = lab(args.source, split.val)
+    groups = {f"{args.source} held out (same source)": held, **others}
+    start, _ = load_checkpoint(args.model)
+    before = {name: score(start, samples) for name, samples in groups.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = Path(tmp) / "breast-corrections"
-        for name in BREAST:
-            s = monuseg[name]
-            export_sample(dataset, name, s.image, s.labels, s.mpp, None, {"source": "MoNuSeg (bench/finetune.py)"})
+        dataset = Path(tmp) / f"{args.source}-corrections"
+        for s in corrections:
+            export_sample(dataset, s.name, s.image, s.labels, s.mpp, None, {"source": "bench/finetune.py"})
         out = Path(args.out or Path(tmp) / "models")
-        table = finetune(dataset, args.model, args.minutes, out, threads=args.threads)
-        start, _ = load_checkpoint(args.model)
+        t0 = time.perf_counter()
+        track = []  # the same-source held-out images at every check: how the run went (chooses nothing)
+
+        def on_check(model, step: int) -> None:
+            if args.track:
+                m = score(model, held)
+                track.append({"step": step, **{k: m[k] for k in ("f1", "aji", "pq")}})
+                print(f"step {step}: held out F1 {m['f1']:.3f} AJI {m['aji']:.3f} PQ {m['pq']:.3f}", flush=True)
+
+        table = finetune(dataset, args.model, args.minutes, out, replay=None if args.no_replay else split.train,
+                         recipe=recipe, seed=args.seed, threads=args.threads, on_check=on_check)
+        wall = time.perf_counter() - t0
         tuned, _ = load_checkpoint(table["model"])
-        other_before, other_after = score(start, [other]), score(tuned, [other])
-    print(format_table(table))
-    print(f"other organ (CPM-15 image12): F1 {other_before['f1']:.3f} -> {other_after['f1']:.3f}, "
-          f"AJI {other_before['aji']:.3f} -> {other_after['aji']:.3f}, PQ {other_before['pq']:.3f} -> {other_after['pq']:.3f}")
-    print(json.dumps({"held_out": {"before": table["before"], "after": table["after"]},
-                      "other_organ": {"before": other_before, "after": other_after},
-                      "steps": table["steps"], "minutes": table["minutes"]}))
+        after = {name: score(tuned, samples) for name, samples in groups.items()}
+        # the new weights at the starting model's threshold: what the weights did, apart from the threshold
+        kept = with_settings(tuned, default_score_threshold=start.config.default_score_threshold)
+        weights_only = {name: score(kept, samples) for name, samples in groups.items()}
+    print(" ".join(["python", *sys.argv]))
+    print(f"fine-tuning: {wall / 60:.1f} min wall, {table['steps']} steps, weights of step {table['chosen_step']}, "
+          f"score threshold {table['score_threshold'][0]:g} -> {table['score_threshold'][1]:g}")
+    print("in the dataset's own held-out corrections:\n" + format_table(table))
+    print(f"\n{'group':<34}{'images':>7}   F1 before/after      AJI before/after     PQ before/after")
+    for name in groups:
+        b, a = before[name], after[name]
+        print(f"{name:<34}{len(groups[name]):>7}   " + "   ".join(
+            f"{b[k]:.3f} {a[k]:.3f} {a[k] - b[k]:+.3f}" for k in ("f1", "aji", "pq")))
+    print("the new weights at the starting threshold:")
+    for name in groups:
+        b, a = before[name], weights_only[name]
+        print(f"{name:<34}{len(groups[name]):>7}   " + "   ".join(
+            f"{b[k]:.3f} {a[k]:.3f} {a[k] - b[k]:+.3f}" for k in ("f1", "aji", "pq")))
+    result = {"command": " ".join(["python", *sys.argv]), "wall_min": round(wall / 60, 2), "finetune": table,
+              "track": track,
+              "groups": {name: {"images": [s.name for s in groups[name]], "before": before[name], "after": after[name],
+                                "after_at_start_threshold": weights_only[name]} for name in groups}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

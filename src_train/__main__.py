@@ -335,7 +335,7 @@ def cmd_finetune(args) -> int:
     """Fine-tune on exported corrections; prints the before/after table on held-out images."""
     from napari_bach.checkpoint import CheckpointError
 
-    from .finetune import FinetuneError, format_table, finetune
+    from .finetune import FinetuneError, Recipe, format_table, finetune
 
     replay = None
     if args.replay:
@@ -347,7 +347,9 @@ def cmd_finetune(args) -> int:
         def on_event(event: dict) -> None:
             print(json.dumps(event), flush=True)
     try:
-        table = finetune(args.dataset, args.model, args.minutes, args.out, args.device, replay, args.lr, args.seed,
+        recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, choose_threshold=not args.keep_threshold,
+                        patience=args.patience)
+        table = finetune(args.dataset, args.model, args.minutes, args.out, args.device, replay, recipe, args.seed,
                          args.threads, on_event)
     except (FinetuneError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -545,7 +547,18 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--minutes", type=float, required=True, help="training time budget, above 0")
     f.add_argument("--out", required=True, help="folder for the new model, its run and finetune JSON")
     f.add_argument("--device", default="cpu")
-    f.add_argument("--lr", type=float, default=1e-4, help="small: a warm start, not a new training")
+    from .finetune import Recipe
+    from .train import PARTS
+
+    recipe = Recipe()
+    f.add_argument("--lr", type=float, default=recipe.lr, help="small: a warm start, not a new training")
+    f.add_argument("--parts", choices=list(PARTS), default=recipe.parts,
+                   help=f"which weights learn (default {recipe.parts}: the trunk stays as trained)")
+    f.add_argument("--ema", type=float, default=recipe.ema, help="moving average of the weights (0: off)")
+    f.add_argument("--patience", type=int, default=recipe.patience,
+                   help="checks on the held-out corrections without a better PQ before stopping (0: never)")
+    f.add_argument("--keep-threshold", action="store_true",
+                   help="keep the model's score threshold instead of re-choosing it on the held-out corrections")
     f.add_argument("--replay", action="append", metavar="NAME:PATH[:MPP[:WEIGHT]] | LIST.toml",
                    help="original training data mixed in, so other tissue is not forgotten")
     f.add_argument("--seed", type=int, default=0)

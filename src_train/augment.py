@@ -188,3 +188,8 @@ def colour_cast(rgb: np.ndarray, od_scale: tuple[float, float, float]) -> np.nda
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """RGB uint8 H×W×3 -> float 3×H×W in [0, 1]."""
     return torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
+
+
+# The shipped model's own augmentation (v16's command in docs/model-card.md): fine-tuning
+# keeps it, so a few corrected images teach nuclei, not one lab's colours.
+SHIPPED_AUGMENT = AugmentConfig(scanner_cast=0.3, stain_vector=0.3, channel_gain=0.1, mosaic=True)

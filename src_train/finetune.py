@@ -1,23 +1,27 @@
 """Fine-tune a model on a user's corrected nuclei, on a time budget, and measure whether it
 helped: the same loop in napari (*Fine-tune on corrections*) and on the command line.
 
-At least one whole exported image is held out. The starting model and the fine-tuned one
-are both scored on it (F1@0.5, AJI, PQ at the model's own thresholds), so the answer to
-"did it help?" is measured, not claimed. Training is the usual :class:`Trainer` warm-started
-from the model (``init_from``): same augmentation, a small learning rate, an optional
-replay of the original training data so other tissue is not forgotten. The result is
-written only into the folder given, as a new file named with the date and the dataset;
-the starting model is never touched, nor is anything in the dataset.
+At least one whole exported image is held out. It decides everything a few images can
+mislead: when to stop (early stopping on it), which weights to keep (the best checked,
+the starting ones included) and the score threshold (re-chosen on it: corrections drawn in
+another style than the training labels move it). The starting and the fine-tuned model are
+both scored on it (F1@0.5, AJI, PQ), so "did it help?" is measured, and a run that did not
+help says so. Training is the usual :class:`Trainer` warm-started from the model with the
+shipped model's augmentation, a :class:`Recipe` measured on ``bench/finetune.py``, and a
+replay of the original training data (when it is there) so other tissue is not forgotten.
+The result is written only into the folder given, as a new file named with the date and
+the dataset; the starting model is never touched, nor is anything in the dataset.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from napari_bach.atomic import atomic_write
 from napari_bach.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
 from .datasets import Sample, load_exported
@@ -53,14 +57,67 @@ def output_name(dataset: str | Path, when: datetime | None = None) -> str:
     return f"napari-bach-finetuned-{(when or datetime.now()).strftime('%Y-%m-%d-%H%M')}-{stem}.pt"
 
 
-def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: str | Path, device: str = "cpu",
-             replay: list[Sample] | None = None, lr: float = 1e-4, seed: int = 0, threads: int = 0,
-             on_event: Callable[[dict], None] | None = None) -> dict:
-    """Fine-tune ``model_path`` on the exported ``dataset`` for ``minutes`` of training;
-    returns (and writes beside the new model) the before/after table.
+@dataclass(frozen=True)
+class Recipe:
+    """How a model learns from a few corrected images. Each default was measured on
+    ``bench/finetune.py`` (docs/training.md, "Fine-tuning")."""
 
-    ``on_event`` receives ``{"event": "step"|"phase"|"done", ...}`` dicts: progress for the
-    widget. Raises :class:`FinetuneError` or :class:`CheckpointError` for unusable input."""
+    lr: float = 1e-4
+    parts: str = "fpn+heads"  # train.PARTS: the trunk stays as trained on every source
+    ema: float = 0.99  # the averaged weights are checked and kept
+    replay_share: float = 0.5  # share of crops from the original training data, when given
+    choose_threshold: bool = True  # re-choose the score threshold on the held-out corrections
+    check_every: int = 20  # steps between checks on the held-out corrections
+    patience: int = 6  # checks without a better PQ before stopping (0: run the whole budget)
+    min_gain: float = 0.005  # PQ gain on the held-out corrections that counts as better
+
+    def __post_init__(self) -> None:
+        from .train import PARTS
+
+        if not self.lr > 0:
+            raise FinetuneError(f"the learning rate must be above 0, got {self.lr:g}")
+        if self.parts not in PARTS:
+            raise FinetuneError(f"parts must be one of {', '.join(PARTS)}, got {self.parts!r}")
+        if not 0 <= self.ema < 1:
+            raise FinetuneError(f"ema must be from 0 to below 1, got {self.ema:g}")
+        if not 0 < self.replay_share < 1:
+            raise FinetuneError(f"the replay share must be between 0 and 1, got {self.replay_share:g}")
+
+
+THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(14))  # 0.2–0.85, re-chosen on the held-out corrections
+
+
+def candidates(model, held: list[Sample], thresholds) -> dict[float, dict]:
+    """Pooled metrics on the held-out corrections at each score threshold (one network pass)."""
+    from .evaluate import score_nuclei
+
+    per_t = score_nuclei(model.eval(), held, list(thresholds), model.config.default_nms_iou)
+    return {t: pooled_nucleus_metrics(per_image) for t, per_image in per_t.items()}
+
+
+def better(before: dict, after: dict, min_gain: float) -> bool:
+    """Better means PQ up by ``min_gain`` with neither F1 nor AJI lower."""
+    return after["pq"] >= before["pq"] + min_gain and after["f1"] >= before["f1"] and after["aji"] >= before["aji"]
+
+
+def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: str | Path, device: str = "cpu",
+             replay: list[Sample] | None = None, recipe: Recipe = Recipe(), seed: int = 0, threads: int = 0,
+             on_event: Callable[[dict], None] | None = None, on_check: Callable[[object, int], None] | None = None
+             ) -> dict:
+    """Fine-tune ``model_path`` on the exported ``dataset`` for ``minutes`` (checks on the
+    held-out corrections included); returns (and writes beside the new model) the
+    before/after table, whose ``better`` says whether to use it.
+
+    ``on_event`` receives ``{"event": "step"|"check"|"phase"|"done", ...}`` dicts: progress
+    for the widget; ``on_check(model, step)`` sees the weights at each check (a benchmark's
+    own images; nothing it does is chosen by). Raises :class:`FinetuneError` or
+    :class:`CheckpointError` for unusable input."""
+    import copy
+    import time
+
+    from napari_bach.model import with_settings
+
+    from .augment import SHIPPED_AUGMENT
     from .train import Trainer, TrainConfig
 
     if not minutes > 0:
@@ -81,55 +138,103 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
     out.mkdir(parents=True, exist_ok=True)
     name = output_name(dataset)  # one name for the run folder, the model and its table
     run_dir = out / (name.removesuffix(".pt") + "-run")
+    thresholds = sorted({*THRESHOLDS, cfg.default_score_threshold}) if recipe.choose_threshold \
+        else [cfg.default_score_threshold]
 
     emit({"event": "phase", "message": f"scoring the starting model on {len(held)} held-out image(s)"})
-    before = score(start_model, held)
-    steps_guess = max(10, int(minutes * 60 / 2))
-    tcfg = TrainConfig(out=str(run_dir), max_hours=minutes / 60, max_steps=0, lr=lr, warmup_steps=min(20, steps_guess // 5),
-                       checkpoint_every=25, val_every_steps=10**9, seed=seed, device=device, threads=threads,
-                       patience=10**9)
-    if replay:  # half the crops from the corrections, half from the original data, however many images each
-        share = sum(s.weight for s in replay) / len(train)
-        train_mix = [replace(s, weight=share) for s in train] + list(replay)
+    t0 = time.perf_counter()
+    start_scores = candidates(start_model, held, thresholds)
+    check_s = time.perf_counter() - t0
+    before = start_scores[cfg.default_score_threshold]
+    best_t = max(thresholds, key=lambda t: start_scores[t]["pq"])
+    best = {"step": 0, "threshold": best_t, "metrics": start_scores[best_t], "state": None}
+    total_s = minutes * 60
+    steps_guess = max(10, int(total_s / 2))
+    tcfg = TrainConfig(out=str(run_dir), max_hours=minutes / 60, max_steps=0, lr=recipe.lr, ema=recipe.ema,
+                       train_parts=recipe.parts, warmup_steps=min(20, steps_guess // 5), checkpoint_every=50,
+                       val_every_steps=10**9, seed=seed, device=device, threads=threads, patience=10**9,
+                       augment=copy.deepcopy(SHIPPED_AUGMENT))
+    if replay:  # recipe.replay_share of the crops from the original data, however many images each side has
+        weight = sum(s.weight for s in replay) * (1 - recipe.replay_share) / recipe.replay_share / len(train)
+        train_mix = [replace(s, weight=weight) for s in train] + list(replay)
     else:
         train_mix = train
     trainer = Trainer(cfg, tcfg, train_mix, {}, data_note=f"fine-tuned on {Path(dataset).name}",
                       license=start_info.license)
     trainer.init_from(model_path)
+    trainer.seconds = check_s  # the budget is the user's clock: checks count
     emit({"event": "phase", "message": f"training on {len(train)} image(s) for {minutes:g} min"})
-    total_s = minutes * 60
+    stale = [0]
 
-    def on_step(row: dict) -> None:
+    def on_step(row: dict) -> bool:
         emit({"event": "step", "step": trainer.step, "loss": row["loss"], "elapsed_s": round(trainer.seconds, 1),
               "total_s": total_s})
+        if trainer.step % recipe.check_every and trainer.progress() < 1.0:
+            return False
+        t0 = time.perf_counter()
+        scores = candidates(trainer.shipped_model(), held, thresholds)
+        trainer.shipped_model().train()
+        t = max(thresholds, key=lambda t: scores[t]["pq"])
+        if scores[t]["pq"] > best["metrics"]["pq"]:
+            best.update(step=trainer.step, threshold=t, metrics=scores[t],
+                        state={k: v.detach().clone() for k, v in trainer.shipped_model().state_dict().items()})
+            stale[0] = 0
+        else:
+            stale[0] += 1
+        trainer.seconds += time.perf_counter() - t0
+        if on_check is not None:
+            on_check(trainer.shipped_model(), trainer.step)
+            trainer.shipped_model().train()
+        emit({"event": "check", "step": trainer.step, "pq": scores[t]["pq"], "best_pq": best["metrics"]["pq"],
+              "best_step": best["step"]})
+        return bool(recipe.patience) and stale[0] >= recipe.patience
 
-    trainer.run(progress=False, on_step=on_step)
-    tuned = trainer.shipped_model().eval()
-    emit({"event": "phase", "message": "scoring the fine-tuned model on the held-out image(s)"})
-    after = score(tuned, held)
+    result = trainer.run(progress=False, on_step=on_step)
+    tuned = copy.deepcopy(start_model)
+    if best["state"] is not None:
+        tuned.load_state_dict(best["state"])
+    tuned = with_settings(tuned, default_score_threshold=best["threshold"])
+    after = best["metrics"]
+    improved = better(before, after, recipe.min_gain)
     table = {"dataset": str(Path(dataset).resolve()), "start_model": str(Path(model_path).resolve()),
              "train_images": [s.name for s in train], "held_out_images": [s.name for s in held],
-             "steps": trainer.step, "minutes": round(trainer.seconds / 60, 2),
+             "steps": trainer.step, "minutes": round(trainer.seconds / 60, 2), "stopped_early": result["stopped_early"],
+             "chosen_step": best["step"], "score_threshold": [cfg.default_score_threshold, best["threshold"]],
+             "better": improved, "recipe": asdict(recipe),
              "before": {k: before[k] for k in METRICS}, "after": {k: after[k] for k in METRICS}}
     info = replace(start_info, name=f"{start_info.name} fine-tuned on {Path(dataset).name}",
-                   steps=start_info.steps + trainer.step,
+                   steps=start_info.steps + best["step"],
+                   hours=start_info.hours + trainer.seconds / 3600,
                    data=f"{start_info.data}; fine-tuned on {len(train)} corrected image(s) of {Path(dataset).name}",
-                   notes=f"{start_info.notes}; fine-tuned {trainer.step} steps in {trainer.seconds / 60:.1f} min "
-                         f"(lr {lr:g}) from {Path(model_path).name}",
+                   notes=f"{start_info.notes}; fine-tuned from {Path(model_path).name}: weights of step "
+                         f"{best['step']} of {trainer.step} ({trainer.seconds / 60:.1f} min, lr {recipe.lr:g}, "
+                         f"{recipe.parts}), score threshold {best['threshold']:g}"
+                         + ("" if improved else "; NOT better than the starting model on the held-out corrections"),
                    metrics={"finetune": table}, created=datetime.now().astimezone().isoformat(timespec="seconds"))
     path = save_checkpoint(out / name, tuned, info, half=True)
     table["model"] = str(path)
-    path.with_suffix(".json").write_text(json.dumps(table, indent=1))
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
     emit({"event": "done", **table})
     return table
 
 
+def verdict(table: dict) -> str:
+    """One plain sentence: use the new model, or keep the starting one."""
+    if table["better"]:
+        return "Better than the starting model on the held-out corrections: use the fine-tuned model."
+    return (f"NOT better than the starting model on the held-out corrections: keep using "
+            f"{Path(table['start_model']).name} (the fine-tuned model is saved, if you want to look at it).")
+
+
 def format_table(table: dict) -> str:
-    rows = [f"{'':<10}{'F1@0.5':>8}{'AJI':>8}{'PQ':>8}{'Dice':>8}",
-            *(f"{name:<10}" + "".join(f"{table[key][k]:>8.3f}" for k in ("f1", "aji", "pq", "dice"))
-              for name, key in (("before", "before"), ("after", "after")))]
-    delta = {k: table["after"][k] - table["before"][k] for k in ("f1", "aji", "pq", "dice")}
-    rows.append(f"{'change':<10}" + "".join(f"{delta[k]:>+8.3f}" for k in ("f1", "aji", "pq", "dice")))
+    """The before/after table as the CLI prints it, with the held-out images named."""
+    keys = ("f1", "aji", "pq", "dice")
+    t0, t1 = table["score_threshold"]
+    rows = [f"{'':<10}{'F1@0.5':>8}{'AJI':>8}{'PQ':>8}{'Dice':>8}   score threshold",
+            f"{'before':<10}" + "".join(f"{table['before'][k]:>8.3f}" for k in keys) + f"   {t0:g}",
+            f"{'after':<10}" + "".join(f"{table['after'][k]:>8.3f}" for k in keys) + f"   {t1:g}",
+            f"{'change':<10}" + "".join(f"{table['after'][k] - table['before'][k]:>+8.3f}" for k in keys)]
     return "\n".join(rows) + (f"\non {len(table['held_out_images'])} held-out image(s) "
-                              f"({', '.join(table['held_out_images'])}); {table['steps']} steps in "
-                              f"{table['minutes']:g} min; model: {table.get('model', '')}")
+                              f"({', '.join(table['held_out_images'])}); weights of step {table['chosen_step']} "
+                              f"of {table['steps']} in {table['minutes']:g} min; model: {table.get('model', '')}\n"
+                              + verdict(table))

@@ -68,10 +68,15 @@ class TrainConfig:
     # validate under src_train.stress's recolourings too; the best checkpoint is then the best
     # mean of PQ as-is and PQ under stress (a model that holds on other stains)
     stress: bool = False
+    # which weights learn (PARTS): "fpn+heads" and "heads" keep the ImageNet-and-nuclei
+    # trunk as it is, for a fine-tune on a few images that must not forget the rest
+    train_parts: str = "all"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 REFERENCE_BATCH = 2  # the batch --lr is given for
+# parameters frozen by TrainConfig.train_parts, by name prefix
+PARTS = {"all": (), "fpn+heads": ("backbone.body.",), "heads": ("backbone.",)}
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,12 @@ class Trainer:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        if cfg.train_parts not in PARTS:
+            raise ValueError(f"train_parts must be one of {', '.join(PARTS)}, got {cfg.train_parts!r}")
+        frozen = PARTS[cfg.train_parts]
+        for name, p in self.model.named_parameters():
+            if frozen and name.startswith(frozen):
+                p.requires_grad_(False)
         self.base_lr = scaled_lr(cfg, self.dist.world)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == "adam":
@@ -318,7 +329,7 @@ class Trainer:
                 total.backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / self.cfg.accumulate
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.opt.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -328,9 +339,10 @@ class Trainer:
         return row
 
     # -- the run -------------------------------------------------------------------------
-    def run(self, progress: bool = True, on_step: Callable[[dict], None] | None = None) -> dict:
+    def run(self, progress: bool = True, on_step: Callable[[dict], bool | None] | None = None) -> dict:
         """Train until the schedule ends (steps or ``max_hours``) or early stopping;
-        ``on_step`` receives each step's log row."""
+        ``on_step`` receives each step's log row and ends the run by returning True (a
+        caller's own early stopping, as fine-tuning's on the held-out corrections)."""
         log_path = self.out / "log.csv"
         fields = ["step", "epoch", "lr", "loss", *LOSS_KEYS, "seconds"]
         new_log = not log_path.exists() or self.step == 0
@@ -355,11 +367,13 @@ class Trainer:
                            lr=self.opt.param_groups[0]["lr"], seconds=round(took, 3))
                 writer.writerow(row)
                 log.flush()
-                if on_step is not None:
-                    on_step(row)
+                caller_stop = bool(on_step(row)) if on_step is not None else False
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
+                if caller_stop:
+                    stopped_early = True
+                    break
                 if self.step % self.cfg.checkpoint_every == 0:
                     self.save("last.pt")
                 if self.val and self.step % val_every == 0:

@@ -55,6 +55,28 @@ def test_finetune_command_prints_before_after_and_writes_only_a_new_model(tmp_pa
     assert info.metrics["finetune"]["after"] == table["after"] and "fine-tuned" in info.notes
     assert _digest(corrections) == before_data and tiny_checkpoint.read_bytes() == before_model
     assert (next(out.glob("*-run")) / "last.pt").is_file()  # the last good checkpoint of the run
+    # an untrained model on 0.05 min cannot improve: the table and the printout say so
+    assert table["better"] is False and "NOT better than the starting model" in printed
+    assert "keep using tiny.pt" in printed and "NOT better" in info.notes
+
+
+def test_better_means_pq_up_by_the_margin_with_f1_and_aji_not_lower():
+    from src_train.finetune import better
+
+    start = {"f1": 0.60, "aji": 0.45, "pq": 0.47}
+    assert better(start, {"f1": 0.65, "aji": 0.50, "pq": 0.52}, 0.005)
+    assert not better(start, {"f1": 0.65, "aji": 0.50, "pq": 0.473}, 0.005)  # within noise
+    assert not better(start, {"f1": 0.59, "aji": 0.50, "pq": 0.52}, 0.005)  # fewer nuclei found
+    assert better(start, start, 0.0) and not better(start, start, 0.001)  # equal is better only without a margin
+
+
+def test_a_recipe_refuses_impossible_settings():
+    from src_train.finetune import FinetuneError, Recipe
+
+    for kw, message in (({"lr": 0}, "learning rate"), ({"parts": "trunk"}, "parts must be"),
+                        ({"ema": 1.0}, "ema"), ({"replay_share": 1.0}, "replay share")):
+        with pytest.raises(FinetuneError, match=message):
+            Recipe(**kw)
 
 
 def test_finetune_refuses_unusable_input_with_exit_2(tmp_path, corrections, tiny_checkpoint, capsys):
@@ -110,9 +132,18 @@ def test_the_whole_loop_in_napari_export_finetune_in_a_process_then_segment_with
     qtbot.waitUntil(lambda: w.process is None, timeout=180_000)
     assert w.result is not None, w._status.value
     assert "before" in w._table.value and "after" in w._table.value and "tile2" in w._table.value
+    assert "<table" in w._table.value  # columns aligned in any font
     assert w._use.enabled and Path(w.result["model"]).parent == tmp_path / "models"
-    w.use_model()
+    # an untrained model cannot get better in 3 s: said plainly, and Use asks before switching
+    assert w.result["better"] is False and "Not better" in w._status.value and "not better" in w._table.value
     _, segment = viewer.window.add_plugin_dock_widget("napari-bach", "Segment nuclei")
+    segment.model.use_file(tiny_checkpoint)
+    asked = []
+    monkeypatch.setattr(type(w), "_confirm_not_better", lambda self: asked.append(1) or False)
+    w.use_model()
+    assert asked and segment.model.path() == Path(tiny_checkpoint) and "Kept" in w._status.value
+    monkeypatch.setattr(type(w), "_confirm_not_better", lambda self: True)
+    w.use_model()
     assert segment.model.path() == Path(w.result["model"])
 
     monkeypatch.setitem(finetune_widget.BUDGETS, "5 min", 5.0)

@@ -421,3 +421,26 @@ def test_augment_config_refuses_impossible_strengths_whoever_builds_it():
         with pytest.raises(ValueError, match=next(iter(bad))):
             AugmentConfig(**bad)
     assert AugmentConfig(jpeg_p=1.0, scanner_cast=0.45).jpeg_p == 1.0
+
+
+@pytest.mark.parametrize("parts, frozen, learning", [("heads", "backbone.", "rpn."),
+                                                     ("fpn+heads", "backbone.body.", "backbone.fpn.")])
+def test_train_parts_freeze_the_rest(tmp_path, parts, frozen, learning):
+    """Fine-tuning on a few images may train the heads (and FPN) only: the trunk stays as it was."""
+    trainer = _trainer(tmp_path, max_steps=2, train_parts=parts)
+    start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.run(progress=False)
+    moved = {k for k, v in trainer.model.named_parameters() if not torch.equal(v, start[k])}
+    assert moved and not any(k.startswith(frozen) for k in moved)
+    assert any(k.startswith(learning) for k in moved)
+
+
+def test_unknown_train_parts_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="train_parts must be one of"):
+        _trainer(tmp_path, train_parts="trunk")
+
+
+def test_on_step_returning_true_ends_the_run(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=30)
+    result = trainer.run(progress=False, on_step=lambda row: trainer.step >= 3)
+    assert trainer.step == 3 and result["stopped_early"] and (tmp_path / "last.pt").is_file()

@@ -4,8 +4,8 @@ Training runs in a separate process (``python -m src_train finetune``, through Q
 QProcess): the viewer stays responsive, and a crash of the training cannot take napari
 down. The process reports JSON lines (progress, loss, the before/after table); Cancel
 ends it, leaving the run's last checkpoint. The new model goes only into the folder the
-user chose; one click makes it *Segment nuclei*'s model. The shipped model is never
-written to.
+user chose; one click makes it *Segment nuclei*'s model, after a question when it did not
+beat the starting model on the held-out corrections. The shipped model is never written to.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton
 
-from .common import ModelPicker, recent, row, wrap
+from .common import ModelPicker, recent, row, scrolling, wrap
 
 if TYPE_CHECKING:
     import napari
@@ -64,12 +64,16 @@ class FinetuneWidget(Container):
         self._status = Label(label="Status", value="Export corrected images with Correct, export & report, "
                                                    "then fine-tune on them here.")
         self._table = Label(label="Held out", value="")
+        from qtpy.QtCore import Qt
+
+        self._table.native.setTextFormat(Qt.TextFormat.RichText)  # an HTML table: columns align in any font
         self._use = PushButton(text="Use in Segment nuclei", enabled=False)
         for label in (self._status, self._table):
             wrap(label)
         self.extend([self._dataset, *self.model.widgets, self._budget, self._out, self._replay,
                      row(self._run, self._cancel),
                      self._progress, self._status, self._table, self._use])
+        scrolling(self)
         self._run.changed.connect(lambda *_: self.run())
         self._cancel.changed.connect(lambda *_: self.cancel())
         self._use.changed.connect(lambda *_: self.use_model())
@@ -157,13 +161,34 @@ class FinetuneWidget(Container):
             message = [l for l in err.splitlines() if l.startswith("error:")]
             self._status.value = "Fine-tuning failed: " + (message[-1][6:].strip() if message else
                                                            (err.splitlines()[-1] if err else f"exit code {code}"))
-        else:
-            self._status.value = f"Saved {Path(self.result['model']).name}"
+        elif self.result["better"]:
+            self._status.value = f"Better on the held-out corrections. Saved {Path(self.result['model']).name}"
             self._use.enabled = True
+        else:
+            self._status.value = (f"Not better than the starting model on the held-out corrections: keep using "
+                                  f"{Path(self.result['start_model']).name}. The fine-tuned model is saved as "
+                                  f"{Path(self.result['model']).name}; export more corrected images and try again.")
+            self._use.enabled = True  # asks first
+
+    def _confirm_not_better(self) -> bool:
+        from qtpy.QtWidgets import QMessageBox
+
+        box = QMessageBox(QMessageBox.Icon.Warning, "Use a model that is not better?",
+                          "On the held-out corrections the fine-tuned model did not beat the starting model "
+                          f"({Path(self.result['start_model']).name}). Use it in Segment nuclei anyway?",
+                          parent=self.native)
+        use = box.addButton("Use it anyway", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton("Keep the starting model", QMessageBox.ButtonRole.RejectRole)
+        box.exec()
+        return box.clickedButton() is use
 
     def use_model(self) -> None:
-        """Make the fine-tuned model *Segment nuclei*'s model (opening that dock if needed)."""
+        """Make the fine-tuned model *Segment nuclei*'s model (opening that dock if needed);
+        one that is not better is used only when the user says so."""
         if self.result is None:
+            return
+        if not self.result["better"] and not self._confirm_not_better():
+            self._status.value = f"Kept {Path(self.result['start_model']).name} in Segment nuclei"
             return
         _, segment = self._viewer.window.add_plugin_dock_widget("napari-bach", "Segment nuclei")
         segment.model.use_file(self.result["model"])
@@ -171,11 +196,20 @@ class FinetuneWidget(Container):
 
 
 def table_text(result: dict) -> str:
-    """Before/after on the held-out images, as the dock shows it."""
-    lines = [f"{len(result['held_out_images'])} image(s): {', '.join(result['held_out_images'])}",
-             "         F1@0.5   AJI     PQ"]
-    for name in ("before", "after"):
-        m = result[name]
-        lines.append(f"{name:<8} {m['f1']:.3f}   {m['aji']:.3f}   {m['pq']:.3f}")
-    lines.append(f"{result['steps']} steps in {result['minutes']:g} min")
-    return "\n".join(lines)
+    """Before/after on the held-out corrections as an HTML table (aligned in any font)."""
+    keys = (("F1@0.5", "f1"), ("AJI", "aji"), ("PQ", "pq"))
+    cell = '<td align="right">&nbsp;{}&nbsp;</td>'
+    t0, t1 = result["score_threshold"]
+
+    def line(name: str, values, threshold: str = "") -> str:
+        return f"<tr><td>{name}</td>" + "".join(cell.format(v) for v in values) + cell.format(threshold) + "</tr>"
+
+    rows = [line("", [name for name, _ in keys], "score ≥"),
+            line("before", [f"{result['before'][k]:.3f}" for _, k in keys], f"{t0:g}"),
+            line("after", [f"{result['after'][k]:.3f}" for _, k in keys], f"{t1:g}"),
+            line("change", [f"{result['after'][k] - result['before'][k]:+.3f}" for _, k in keys])]
+    verdict = "better" if result["better"] else "<b>not better</b>"
+    images = ", ".join(result["held_out_images"])
+    return (f"{len(result['held_out_images'])} held-out image(s): {images}<table cellspacing='0'>{''.join(rows)}"
+            f"</table>{verdict}: weights of step {result['chosen_step']} of {result['steps']} "
+            f"({result['minutes']:g} min)")

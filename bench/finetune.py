@@ -74,19 +74,23 @@ def main() -> None:
     parser.add_argument("--parts", default=Recipe.parts)
     parser.add_argument("--ema", type=float, default=Recipe.ema)
     parser.add_argument("--patience", type=int, default=Recipe.patience)
-    parser.add_argument("--keep-threshold", action="store_true")
+    parser.add_argument("--choose-threshold", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--track", action="store_true",
                         help="also score the same-source held-out images at every check (slower; diagnostics)")
     parser.add_argument("--check-every", type=int, default=Recipe.check_every)
     parser.add_argument("--replay-share", type=float, default=Recipe.replay_share)
+    parser.add_argument("--box-batch", type=int, default=Recipe.box_batch)
+    parser.add_argument("--box-positive", type=float, default=Recipe.box_positive_fraction)
+    parser.add_argument("--rpn-batch", type=int, default=Recipe.rpn_batch)
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--out", default=None, help="keep the fine-tuned model here (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, patience=args.patience,
-                    choose_threshold=not args.keep_threshold, check_every=args.check_every,
-                    replay_share=args.replay_share)
+                    choose_threshold=args.choose_threshold, check_every=args.check_every,
+                    replay_share=args.replay_share, box_batch=args.box_batch,
+                    box_positive_fraction=args.box_positive, rpn_batch=args.rpn_batch)
     split = load_sources(read_data_list(DATA_LIST))
     corrections, held, others = lab(args.source, split.val)
     groups = {f"{args.source} held out (same source)": held, **others}

@@ -337,17 +337,17 @@ def cmd_finetune(args) -> int:
 
     from .finetune import FinetuneError, Recipe, format_table, finetune
 
-    replay = None
-    if args.replay:
-        from .sources import load_sources, parse_data_arg
+    from .finetune import default_replay
+    from .sources import parse_data_arg
 
-        replay = load_sources([s for v in args.replay for s in parse_data_arg(v)]).train
+    lists = [] if args.no_replay else (args.replay or [str(p) for p in [default_replay()] if p])
+    replay = [s for v in lists for s in parse_data_arg(v)]  # loaded once the input is known to be usable
     on_event = None
     if args.progress_json:
         def on_event(event: dict) -> None:
             print(json.dumps(event), flush=True)
     try:
-        recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, choose_threshold=not args.keep_threshold,
+        recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, choose_threshold=args.choose_threshold,
                         patience=args.patience)
         table = finetune(args.dataset, args.model, args.minutes, args.out, args.device, replay, recipe, args.seed,
                          args.threads, on_event)
@@ -557,10 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--ema", type=float, default=recipe.ema, help="moving average of the weights (0: off)")
     f.add_argument("--patience", type=int, default=recipe.patience,
                    help="checks on the held-out corrections without a better PQ before stopping (0: never)")
-    f.add_argument("--keep-threshold", action="store_true",
-                   help="keep the model's score threshold instead of re-choosing it on the held-out corrections")
+    f.add_argument("--choose-threshold", action="store_true",
+                   help="re-choose the score threshold on the held-out corrections (reliable with many held-out nuclei)")
     f.add_argument("--replay", action="append", metavar="NAME:PATH[:MPP[:WEIGHT]] | LIST.toml",
-                   help="original training data mixed in, so other tissue is not forgotten")
+                   help="original training data mixed in, so other tissue is not forgotten (default: "
+                        "src_train/shared_data.toml when ../shared/data is beside this checkout)")
+    f.add_argument("--no-replay", action="store_true", help="train on the corrections alone")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=0)
     f.add_argument("--progress-json", action="store_true", help=argparse.SUPPRESS)

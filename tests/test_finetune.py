@@ -48,6 +48,7 @@ def test_finetune_command_prints_before_after_and_writes_only_a_new_model(tmp_pa
     (model,) = out.glob("napari-bach-finetuned-*-my-corrections.pt")
     table = json.loads(model.with_suffix(".json").read_text())
     assert table["held_out_images"] == ["tile2"] and table["train_images"] == ["tile0", "tile1"]
+    assert table["replay_images"] == 1
     assert table["steps"] > 0 and set(table["before"]) == set(table["after"]) >= {"f1", "aji", "pq"}
     from napari_bach.checkpoint import load_checkpoint
 
@@ -58,6 +59,33 @@ def test_finetune_command_prints_before_after_and_writes_only_a_new_model(tmp_pa
     # an untrained model on 0.05 min cannot improve: the table and the printout say so
     assert table["better"] is False and "NOT better than the starting model" in printed
     assert "keep using tiny.pt" in printed and "NOT better" in info.notes
+
+
+def test_the_original_data_is_replayed_by_default_when_it_is_there(tmp_path, corrections, tiny_checkpoint,
+                                                                    monkeypatch):
+    import tifffile
+    from PIL import Image
+
+    import src_train.finetune as ft
+    from napari_bach._qt.finetune_widget import finetune_command
+    from src_train.__main__ import main
+
+    original = tmp_path / "original"
+    (original / "images").mkdir(parents=True)
+    (original / "labels").mkdir()
+    rgb, labels = synthetic_he((96, 96), mpp=0.4, seed=5)
+    Image.fromarray(rgb).save(original / "images" / "o.png")
+    tifffile.imwrite(original / "labels" / "o.tif", labels.astype("int32"))
+    data_list = tmp_path / "data.toml"
+    data_list.write_text(f'[[source]]\nname = "orig"\npath = "{original}"\nmpp = 0.4\n')
+    monkeypatch.setattr(ft, "default_replay", lambda: data_list)
+    for extra, replayed in (([], 1), (["--no-replay"], 0)):
+        out = tmp_path / f"models{replayed}"
+        assert main(["finetune", str(corrections), "--model", str(tiny_checkpoint), "--minutes", "0.02",
+                     "--out", str(out), "--threads", "1", *extra]) == 0
+        (table,) = out.glob("*.json")
+        assert json.loads(table.read_text())["replay_images"] == replayed
+    assert "--no-replay" in finetune_command("d", "m.pt", 5, "o", "cpu", None)
 
 
 def test_better_means_pq_up_by_the_margin_with_f1_and_aji_not_lower():
@@ -74,7 +102,8 @@ def test_a_recipe_refuses_impossible_settings():
     from src_train.finetune import FinetuneError, Recipe
 
     for kw, message in (({"lr": 0}, "learning rate"), ({"parts": "trunk"}, "parts must be"),
-                        ({"ema": 1.0}, "ema"), ({"replay_share": 1.0}, "replay share")):
+                        ({"ema": 1.0}, "ema"), ({"replay_share": 1.0}, "replay share"),
+                        ({"box_batch": 0}, "at least 1"), ({"box_positive_fraction": 0}, "positive share")):
         with pytest.raises(FinetuneError, match=message):
             Recipe(**kw)
 

@@ -22,26 +22,11 @@ if TYPE_CHECKING:
     import napari
 
 BUDGETS = {"5 min": 5.0, "15 min": 15.0, "45 min": 45.0}
-SHARED_DATA = Path(__file__).resolve().parents[2] / "src_train" / "shared_data.toml"  # a source checkout's
-
-
-def replay_list() -> Path | None:
-    """The original training data list, when this checkout has ../shared beside it."""
-    if not SHARED_DATA.is_file():
-        return None
-    from src_train.sources import read_data_list
-
-    try:
-        return SHARED_DATA if all(s.path.is_dir() for s in read_data_list(SHARED_DATA)) else None
-    except (ValueError, OSError):
-        return None
-
-
 def finetune_command(dataset: str, model: str, minutes: float, out: str, device: str,
                      replay: Path | None = None) -> list[str]:
     """The command the widget runs, the same as a user types (plus JSON progress)."""
     return [sys.executable, "-m", "src_train", "finetune", dataset, "--model", model, "--minutes", f"{minutes:g}",
-            "--out", out, "--device", device, "--progress-json", *(["--replay", str(replay)] if replay else [])]
+            "--out", out, "--device", device, "--progress-json", *(["--replay", str(replay)] if replay else ["--no-replay"])]
 
 
 class FinetuneWidget(Container):
@@ -54,7 +39,9 @@ class FinetuneWidget(Container):
         self.model = ModelPicker()
         self._budget = ComboBox(label="Time budget", choices=list(BUDGETS), value="5 min")
         self._out = FileEdit(label="Save models in", mode="d")
-        self._replay_list = replay_list()
+        from src_train.finetune import default_replay
+
+        self._replay_list = default_replay()
         self._replay = CheckBox(text="replay the original training data (keeps other tissue)",
                                 value=self._replay_list is not None, enabled=self._replay_list is not None,
                                 tooltip=str(self._replay_list or "needs a source checkout with ../shared/data beside it"))

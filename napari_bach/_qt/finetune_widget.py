@@ -191,7 +191,7 @@ def table_text(result: dict) -> str:
     def line(name: str, values, threshold: str = "") -> str:
         return f"<tr><td>{name}</td>" + "".join(cell.format(v) for v in values) + cell.format(threshold) + "</tr>"
 
-    rows = [line("", [name for name, _ in keys], "score ≥"),
+    rows = [line("", [name for name, _ in keys], "score"),
             line("before", [f"{result['before'][k]:.3f}" for _, k in keys], f"{t0:g}"),
             line("after", [f"{result['after'][k]:.3f}" for _, k in keys], f"{t1:g}"),
             line("change", [f"{result['after'][k] - result['before'][k]:+.3f}" for _, k in keys])]

@@ -18,7 +18,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from .model import BachMaskRCNN, for_inference
-from .predict import Progress, drain, run_tiled
+from .predict import Progress, drain, relayed, run_tiled
 
 LEVELS = ("P2", "P3", "P4", "P5", "P6")  # FPN outputs "0", "1", "2", "3", "pool"
 POSITIVE, NEGATIVE, IGNORED = 1, 0, -1
@@ -214,13 +214,9 @@ def iter_anchors_in_region(generator: AnchorGenerator, image_hw: tuple[int, int]
         if len(gt):
             matching = iter_sparse_match(Matcher(fg, bg, allow_low_quality_matches=True), gt, anchors, shapes,
                                          strides, [len(c) for c in grid.cells], MATCH_CHUNK)
-            while True:
-                try:
-                    done, of = next(matching)
-                except StopIteration as end:
-                    all_labels = _labels(end.value[0])
-                    break
-                yield Progress(1 + done / of, 3, f"labelling anchors: {done} of {of} nuclei")
+            matched, _ = yield from relayed(matching, lambda p: Progress(
+                1 + p.done / p.total, 3, f"labelling anchors: {p.done} of {p.total} nuclei"))
+            all_labels = _labels(matched)
         boxes, lvl, labels = anchors[inside], lvl[inside], all_labels[inside]
     yield Progress(2, 3, "choosing anchors to draw")
     chosen = torch.isin(lvl, torch.tensor(levels))

@@ -72,30 +72,28 @@ class NucleusRPN(RegionProposalNetwork):
 
     def match(self, gt: Tensor, anchors: Tensor) -> Tensor:
         """torchvision's ``Matcher`` result, from the overlapping (nucleus, anchor) pairs only."""
-        grids = getattr(self, "_grids", None)
-        per_cell = self.anchor_generator.num_anchors_per_location()
-        if grids is None or sum(h * w * a for (h, w), a in zip(grids, per_cell)) != anchors.shape[0]:
-            return self.proposal_matcher(box_iou(gt, anchors))  # grid unknown: torchvision's dense matching
-        strides = [(self._image_size[0] // h, self._image_size[1] // w) for h, w in grids]
-        gen = iter_sparse_match(self.proposal_matcher, gt, anchors, grids, strides, per_cell)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as done:
-                matches, lonely = done.value
-                break
+        from .predict import drain
+
+        layout = self._layout(anchors)
+        if layout is None:  # grid unknown: torchvision's dense matching
+            return self.proposal_matcher(box_iou(gt, anchors))
+        matches, lonely = drain(iter_sparse_match(self.proposal_matcher, gt, anchors, *layout))
         if lonely:  # a box overlapping no anchor: torchvision's dense rule applies
             return self.proposal_matcher(box_iou(gt, anchors))
         return matches
 
     def _overlapping_pairs(self, gt: Tensor, anchors: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """(nucleus, anchor) index pairs whose boxes can overlap (None: grid unknown)."""
+        layout = self._layout(anchors)
+        return (None, None) if layout is None else overlapping_pairs(gt, anchors, *layout)
+
+    def _layout(self, anchors: Tensor):
+        """(grids, strides, anchors per cell) of this forward's anchors, or None if they are not its grid."""
         grids = getattr(self, "_grids", None)
         per_cell = self.anchor_generator.num_anchors_per_location()
         if grids is None or sum(h * w * a for (h, w), a in zip(grids, per_cell)) != anchors.shape[0]:
-            return None, None
-        strides = [(self._image_size[0] // h, self._image_size[1] // w) for h, w in grids]
-        return overlapping_pairs(gt, anchors, grids, strides, per_cell)
+            return None
+        return grids, [(self._image_size[0] // h, self._image_size[1] // w) for h, w in grids], per_cell
 
 
 def overlapping_pairs(gt: Tensor, anchors: Tensor, grids, strides, per_cell) -> tuple[Tensor, Tensor]:
@@ -134,6 +132,8 @@ def iter_sparse_match(matcher, gt: Tensor, anchors: Tensor, grids, strides, per_
     by the chunk and a caller can report progress or stop. Returns the matches and whether
     some box overlaps no anchor (it then has no low-quality match here; torchvision's dense
     rule would make every anchor it does not touch its match)."""
+    from .predict import Progress  # predict imports the model, which imports this module
+
     n, m = anchors.shape[0], gt.shape[0]
     best = torch.zeros(n, dtype=anchors.dtype, device=anchors.device)
     first = torch.full((n,), m, dtype=torch.long, device=anchors.device)
@@ -156,7 +156,7 @@ def iter_sparse_match(matcher, gt: Tensor, anchors: Tensor, grids, strides, per_
                 0, g - start, iou, "amax")
             lonely |= bool((per_gt <= 0).any())
             low_quality.append(a[(iou == per_gt[g - start]) & (iou > 0)])
-        yield min(start + step, m), m
+        yield Progress(min(start + step, m), m, "labelling anchors")
     all_matches = torch.where(first < m, first, torch.zeros_like(first))
     matches = all_matches.clone()
     matches[best < matcher.low_threshold] = matcher.BELOW_LOW_THRESHOLD

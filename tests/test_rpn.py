@@ -96,5 +96,5 @@ def test_chunked_sparse_matching_equals_dense_matching():
         except StopIteration as end:
             matches, lonely = end.value
             break
-    assert len(steps) == -(-len(gt) // 7) and steps[-1] == (len(gt), len(gt)) and not lonely
+    assert len(steps) == -(-len(gt) // 7) and (steps[-1].done, steps[-1].total) == (len(gt), len(gt)) and not lonely
     assert torch.equal(matches, rpn.proposal_matcher(box_iou(gt, anchors)))

@@ -326,10 +326,14 @@ def scrolling(container: Container) -> None:
     each shrinks and scrolls instead of growing the window past the screen. (magicgui's
     ``scrollable=True`` cannot: napari docks ``.native``, the widget inside that scroll
     area.) The rows' layout moves as it is, so the container still adds and removes rows."""
-    from qtpy.QtCore import QSize, Qt
+    from qtpy.QtCore import QSize, Qt, QTimer
     from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
     class Area(QScrollArea):
+        def showEvent(self, event) -> None:  # once the dock is placed: share the area's height
+            super().showEvent(event)
+            QTimer.singleShot(0, lambda: _share_height(outer))
+
         def sizeHint(self) -> QSize:  # as tall as the rows when there is room
             hint = self.widget().sizeHint()
             return QSize(hint.width() + self.verticalScrollBar().sizeHint().width(), hint.height() + 2)
@@ -351,7 +355,6 @@ def scrolling(container: Container) -> None:
     layout = QVBoxLayout(outer)
     layout.setContentsMargins(0, 0, 0, 0)
     layout.addWidget(area)
-    outer.installEventFilter(_ShareHeight(outer))
 
 
 def _share_height(widget) -> None:
@@ -368,19 +371,3 @@ def _share_height(widget) -> None:
     docks = [d for d in window.findChildren(QDockWidget)
              if d.isVisible() and not d.isFloating() and window.dockWidgetArea(d) == area]
     window.resizeDocks(docks, [d.sizeHint().height() for d in docks], Qt.Orientation.Vertical)
-
-
-def _share_height_filter():
-    from qtpy.QtCore import QEvent, QObject, QTimer
-
-    class ShareHeight(QObject):
-        def eventFilter(self, obj, event) -> bool:
-            if event.type() == QEvent.Type.Show:
-                QTimer.singleShot(0, lambda: _share_height(obj))
-            return False
-
-    return ShareHeight
-
-
-def _ShareHeight(parent):  # noqa: N802 - a QObject class made on first use (qtpy imported lazily)
-    return _share_height_filter()(parent)

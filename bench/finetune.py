@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--box-batch", type=int, default=Recipe.box_batch)
     parser.add_argument("--box-positive", type=float, default=Recipe.box_positive_fraction)
     parser.add_argument("--rpn-batch", type=int, default=Recipe.rpn_batch)
+    parser.add_argument("--augment", default=Recipe.augment)
+    parser.add_argument("--replay-by-weight", action="store_true",
+                        help="replay each source by its training weight instead of each as often")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--out", default=None, help="keep the fine-tuned model here (default: a temporary folder)")
     args = parser.parse_args()
@@ -90,7 +93,8 @@ def main() -> None:
     recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, patience=args.patience,
                     choose_threshold=args.choose_threshold, check_every=args.check_every,
                     replay_share=args.replay_share, box_batch=args.box_batch,
-                    box_positive_fraction=args.box_positive, rpn_batch=args.rpn_batch)
+                    box_positive_fraction=args.box_positive, rpn_batch=args.rpn_batch,
+                    augment=args.augment, replay_even=not args.replay_by_weight)
     split = load_sources(read_data_list(DATA_LIST))
     corrections, held, others = lab(args.source, split.val)
     groups = {f"{args.source} held out (same source)": held, **others}
@@ -106,9 +110,11 @@ def main() -> None:
 
         def on_check(model, step: int) -> None:
             if args.track:
-                m = score(model, held)
-                track.append({"step": step, **{k: m[k] for k in ("f1", "aji", "pq")}})
-                print(f"step {step}: held out F1 {m['f1']:.3f} AJI {m['aji']:.3f} PQ {m['pq']:.3f}", flush=True)
+                m, c = score(model, held), score(model, corrections)
+                track.append({"step": step, **{k: m[k] for k in ("f1", "aji", "pq")},
+                              "corrections": {k: c[k] for k in ("f1", "aji", "pq")}})
+                print(f"step {step}: held out F1 {m['f1']:.3f} AJI {m['aji']:.3f} PQ {m['pq']:.3f} | "
+                      f"corrections F1 {c['f1']:.3f} AJI {c['aji']:.3f}", flush=True)
 
         table = finetune(dataset, args.model, args.minutes, out, replay=None if args.no_replay else split.train,
                          recipe=recipe, seed=args.seed, threads=args.threads, on_check=on_check)

@@ -348,7 +348,7 @@ def cmd_finetune(args) -> int:
             print(json.dumps(event), flush=True)
     try:
         recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, choose_threshold=args.choose_threshold,
-                        patience=args.patience)
+                        patience=args.patience, augment=args.augment)
         table = finetune(args.dataset, args.model, args.minutes, args.out, args.device, replay, recipe, args.seed,
                          args.threads, on_event)
     except (FinetuneError, CheckpointError, FileNotFoundError) as exc:
@@ -555,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--parts", choices=list(PARTS), default=recipe.parts,
                    help=f"which weights learn (default {recipe.parts}: the trunk stays as trained)")
     f.add_argument("--ema", type=float, default=recipe.ema, help="moving average of the weights (0: off)")
+    from .augment import AUGMENTS
+
+    f.add_argument("--augment", choices=list(AUGMENTS), default=recipe.augment,
+                   help=f"default {recipe.augment}: light colour jitter for one lab's stain; shipped: the main "
+                        "training's wide colour range, for corrections from several labs or scanners")
     f.add_argument("--patience", type=int, default=recipe.patience,
                    help="checks on the held-out corrections without a better PQ before stopping (0: never)")
     f.add_argument("--choose-threshold", action="store_true",

@@ -193,3 +193,7 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 # The shipped model's own augmentation (v16's command in docs/model-card.md): fine-tuning
 # keeps it, so a few corrected images teach nuclei, not one lab's colours.
 SHIPPED_AUGMENT = AugmentConfig(scanner_cast=0.3, stain_vector=0.3, channel_gain=0.1, mosaic=True)
+# one lab's own stain and scanner: the geometry as trained, colour only as much as one lab's slides vary
+LIGHT_AUGMENT = AugmentConfig(scale=(0.8, 1.25), brightness=0.05, contrast=0.1, hue=0.02, saturation=0.1,
+                              stain_sigma=0.05, gray_p=0.0, mosaic=True)
+AUGMENTS = {"shipped": SHIPPED_AUGMENT, "light": LIGHT_AUGMENT}

@@ -103,7 +103,8 @@ def test_a_recipe_refuses_impossible_settings():
 
     for kw, message in (({"lr": 0}, "learning rate"), ({"parts": "trunk"}, "parts must be"),
                         ({"ema": 1.0}, "ema"), ({"replay_share": 1.0}, "replay share"),
-                        ({"box_batch": 0}, "at least 1"), ({"box_positive_fraction": 0}, "positive share")):
+                        ({"box_batch": 0}, "at least 1"), ({"box_positive_fraction": 0}, "positive share"),
+                        ({"augment": "heavy"}, "augment must be")):
         with pytest.raises(FinetuneError, match=message):
             Recipe(**kw)
 
@@ -183,3 +184,23 @@ def test_the_whole_loop_in_napari_export_finetune_in_a_process_then_segment_with
     assert "Cancelled" in w._status.value and _digest(tmp_path / "dataset") == exported
     viewer.add_image(np.zeros((8, 8)), name="still usable")
     assert "still usable" in [layer.name for layer in viewer.layers]
+
+
+def test_replay_takes_its_share_of_the_crops_and_can_draw_each_source_as_often():
+    import numpy as np
+
+    from src_train.datasets import Sample
+    from src_train.finetune import mix_replay
+
+    def sample(group, weight):
+        return Sample(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32), 0.25, weight=weight, group=group)
+
+    mine = [sample("", 1.0)] * 3
+    replay = [sample("big", 1.0)] * 90 + [sample("small", 4.0)] * 2
+    for even, small_share in ((False, 8 / 98), (True, 1 / 2)):
+        mixed = mix_replay(mine, replay, 0.25, even)
+        weights = {g: sum(s.weight for s in mixed if s.group == g) for g in ("", "big", "small")}
+        total = sum(weights.values())
+        assert weights[""] / total == pytest.approx(0.75)
+        assert weights["small"] / (weights["big"] + weights["small"]) == pytest.approx(small_share)
+    assert mix_replay(mine, [], 0.5, True) == mine

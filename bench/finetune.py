@@ -61,6 +61,7 @@ def main() -> None:
     from napari_bach.checkpoint import DEFAULT_MODEL, load_checkpoint
     from napari_bach.export import export_sample
     from napari_bach.model import with_settings
+    from src_train.augment import AUGMENTS
     from src_train.finetune import Recipe, finetune, format_table, score
     from src_train.sources import load_sources, read_data_list
 
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--box-batch", type=int, default=Recipe.box_batch)
     parser.add_argument("--box-positive", type=float, default=Recipe.box_positive_fraction)
     parser.add_argument("--rpn-batch", type=int, default=Recipe.rpn_batch)
-    parser.add_argument("--augment", default=Recipe.augment)
+    parser.add_argument("--augment", choices=list(AUGMENTS), default=Recipe.augment)
     parser.add_argument("--replay-by-weight", action="store_true",
                         help="replay each source by its training weight instead of each as often")
     parser.add_argument("--json", default=None, help="also write the figures here")

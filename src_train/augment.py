@@ -190,8 +190,8 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
 
 
-# The shipped model's own augmentation (v16's command in docs/model-card.md): fine-tuning
-# keeps it, so a few corrected images teach nuclei, not one lab's colours.
+# The shipped model's own augmentation (v16's command in docs/model-card.md); fine-tuning
+# uses it for corrections from many labs (on one lab's, it taught less: docs/training.md).
 SHIPPED_AUGMENT = AugmentConfig(scanner_cast=0.3, stain_vector=0.3, channel_gain=0.1, mosaic=True)
 # one lab's own stain and scanner: the geometry as trained, colour only as much as one lab's slides vary
 LIGHT_AUGMENT = AugmentConfig(scale=(0.8, 1.25), brightness=0.05, contrast=0.1, hue=0.02, saturation=0.1,

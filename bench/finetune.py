@@ -62,7 +62,7 @@ def main() -> None:
     from napari_bach.export import export_sample
     from napari_bach.model import with_settings
     from src_train.augment import AUGMENTS
-    from src_train.finetune import Recipe, finetune, format_table, score
+    from src_train.finetune import Recipe, at_scale, finetune, format_table, score
     from src_train.sources import load_sources, read_data_list
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--box-positive", type=float, default=Recipe.box_positive_fraction)
     parser.add_argument("--rpn-batch", type=int, default=Recipe.rpn_batch)
     parser.add_argument("--augment", choices=list(AUGMENTS), default=Recipe.augment)
+    parser.add_argument("--no-lab-scale", action="store_true", help="keep the model's µm/px")
     parser.add_argument("--replay-by-weight", action="store_true",
                         help="replay each source by its training weight instead of each as often")
     parser.add_argument("--json", default=None, help="also write the figures here")
@@ -95,7 +96,7 @@ def main() -> None:
                     choose_threshold=args.choose_threshold, check_every=args.check_every,
                     replay_share=args.replay_share, box_batch=args.box_batch,
                     box_positive_fraction=args.box_positive, rpn_batch=args.rpn_batch,
-                    augment=args.augment, replay_even=not args.replay_by_weight)
+                    augment=args.augment, replay_even=not args.replay_by_weight, lab_scale=not args.no_lab_scale)
     split = load_sources(read_data_list(DATA_LIST))
     corrections, held, others = lab(args.source, split.val)
     groups = {f"{args.source} held out (same source)": held, **others}
@@ -122,27 +123,35 @@ def main() -> None:
         wall = time.perf_counter() - t0
         tuned, _ = load_checkpoint(table["model"])
         after = {name: score(tuned, samples) for name, samples in groups.items()}
-        # the new weights at the starting model's threshold: what the weights did, apart from the threshold
-        kept = with_settings(tuned, default_score_threshold=start.config.default_score_threshold)
+        # the new weights at the starting model's threshold and µm/px: what the weights did
+        # (forgetting included), apart from the lab's settings
+        kept = with_settings(tuned, default_score_threshold=start.config.default_score_threshold,
+                             mpp=start.config.mpp, nucleus_diameter_um=start.config.nucleus_diameter_um)
         weights_only = {name: score(kept, samples) for name, samples in groups.items()}
+        # the starting weights at the lab's µm/px: what the scale alone did
+        scale_only = {name: score(at_scale(start, table["mpp"][1]), samples) for name, samples in groups.items()}
     print(" ".join(["python", *sys.argv]))
     print(f"fine-tuning: {wall / 60:.1f} min wall, {table['steps']} steps, weights of step {table['chosen_step']}, "
-          f"score threshold {table['score_threshold'][0]:g} -> {table['score_threshold'][1]:g}")
+          f"score threshold {table['score_threshold'][0]:g} -> {table['score_threshold'][1]:g}, "
+          f"µm/px {table['mpp'][0]:g} -> {table['mpp'][1]:g}")
     print("in the dataset's own held-out corrections:\n" + format_table(table))
     print(f"\n{'group':<34}{'images':>7}   F1 before/after      AJI before/after     PQ before/after")
     for name in groups:
         b, a = before[name], after[name]
         print(f"{name:<34}{len(groups[name]):>7}   " + "   ".join(
             f"{b[k]:.3f} {a[k]:.3f} {a[k] - b[k]:+.3f}" for k in ("f1", "aji", "pq")))
-    print("the new weights at the starting threshold:")
-    for name in groups:
-        b, a = before[name], weights_only[name]
-        print(f"{name:<34}{len(groups[name]):>7}   " + "   ".join(
-            f"{b[k]:.3f} {a[k]:.3f} {a[k] - b[k]:+.3f}" for k in ("f1", "aji", "pq")))
+    for title, figures in (("the new weights at the starting threshold and µm/px (forgetting):", weights_only),
+                           (f"the starting weights at {table['mpp'][1]:g} µm/px (the scale alone):", scale_only)):
+        print(title)
+        for name in groups:
+            b, a = before[name], figures[name]
+            print(f"{name:<34}{len(groups[name]):>7}   " + "   ".join(
+                f"{b[k]:.3f} {a[k]:.3f} {a[k] - b[k]:+.3f}" for k in ("f1", "aji", "pq")))
     result = {"command": " ".join(["python", *sys.argv]), "wall_min": round(wall / 60, 2), "finetune": table,
               "track": track,
               "groups": {name: {"images": [s.name for s in groups[name]], "before": before[name], "after": after[name],
-                                "after_at_start_threshold": weights_only[name]} for name in groups}}
+                                "after_at_start_settings": weights_only[name],
+                                "start_at_lab_mpp": scale_only[name]} for name in groups}}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

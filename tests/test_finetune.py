@@ -49,6 +49,7 @@ def test_finetune_command_prints_before_after_and_writes_only_a_new_model(tmp_pa
     table = json.loads(model.with_suffix(".json").read_text())
     assert table["held_out_images"] == ["tile2"] and table["train_images"] == ["tile0", "tile1"]
     assert table["replay_images"] == 1
+    assert table["mpp"][0] == table["mpp"][1]  # a model without a reference nucleus size keeps its scale
     assert table["steps"] > 0 and set(table["before"]) == set(table["after"]) >= {"f1", "aji", "pq"}
     from napari_bach.checkpoint import load_checkpoint
 
@@ -204,3 +205,38 @@ def test_replay_takes_its_share_of_the_crops_and_can_draw_each_source_as_often()
         assert weights[""] / total == pytest.approx(0.75)
         assert weights["small"] / (weights["big"] + weights["small"]) == pytest.approx(small_share)
     assert mix_replay(mine, [], 0.5, True) == mine
+
+
+def test_lab_scale_matches_the_corrections_nucleus_size_to_the_models():
+    import numpy as np
+
+    from napari_bach.config import ModelConfig
+    from src_train.datasets import Sample
+    from src_train.finetune import SCALE_LIMITS, at_scale, lab_mpp
+
+    def discs(radius_px: float, mpp: float, n: int = 36) -> Sample:
+        yy, xx = np.mgrid[:60 * 6, :60 * 6]
+        labels = np.zeros(yy.shape, np.int32)
+        for i in range(n):
+            cy, cx = 30 + 60 * (i // 6), 30 + 60 * (i % 6)
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius_px ** 2] = i + 1
+        return Sample(np.zeros((*labels.shape, 3), np.uint8), labels, mpp)
+
+    cfg = ModelConfig(mpp=0.3, nucleus_diameter_um=6.0)
+    # discs of ~4.5 µm (diameter ~18 px at 0.25 µm/px): a lab of small nuclei
+    small = discs(9, 0.25)
+    d = np.sqrt(4 * np.median(np.bincount(small.labels.ravel())[1:]) / np.pi) * 0.25
+    assert lab_mpp([small], cfg) == pytest.approx(round(0.3 * d / 6.0, 4))
+    assert lab_mpp([small], cfg) < 0.3
+    assert lab_mpp([discs(12, 0.25)], cfg) == 0.3  # ~6 µm: the model's own size, its own scale
+    assert lab_mpp([discs(3, 0.25)], cfg) == pytest.approx(0.3 * SCALE_LIMITS[0])  # implausible: bounded
+    assert lab_mpp([discs(9, 0.25, n=5)], cfg) == 0.3  # too few nuclei to say
+    assert lab_mpp([small], ModelConfig(mpp=0.3, nucleus_diameter_um=0.0)) == 0.3  # no reference size
+
+    from conftest import tiny_config
+    from napari_bach.model import build_model
+
+    model = build_model(tiny_config(mpp=0.3, nucleus_diameter_um=6.0))
+    lab = at_scale(model, 0.2)
+    assert lab.config.mpp == 0.2 and lab.config.nucleus_diameter_um == pytest.approx(4.0)
+    assert at_scale(model, 0.3) is model

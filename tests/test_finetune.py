@@ -240,3 +240,32 @@ def test_lab_scale_matches_the_corrections_nucleus_size_to_the_models():
     lab = at_scale(model, 0.2)
     assert lab.config.mpp == 0.2 and lab.config.nucleus_diameter_um == pytest.approx(4.0)
     assert at_scale(model, 0.3) is model
+
+
+@pytest.mark.parametrize("lab_is_better", [True, False])
+def test_the_lab_scale_is_kept_only_when_the_held_out_corrections_score_better_at_it(
+        tmp_path, corrections, tiny_checkpoint, monkeypatch, lab_is_better):
+    import src_train.finetune as ft
+    from napari_bach.checkpoint import load_checkpoint
+
+    start, _ = load_checkpoint(tiny_checkpoint)
+    lab = round(start.config.mpp * 0.8, 4)
+    monkeypatch.setattr(ft, "lab_mpp", lambda samples, config: lab)
+    real = ft.candidates
+
+    def candidates(model, held, thresholds):  # the held-out corrections' verdict on each scale
+        scores = real(model, held, thresholds)
+        if lab_is_better and model.config.mpp == lab:
+            scores = {t: {**m, "f1": m["f1"] + 0.1, "aji": m["aji"] + 0.1, "pq": m["pq"] + 0.1} for t, m in scores.items()}
+        return scores
+
+    monkeypatch.setattr(ft, "candidates", candidates)
+    table = ft.finetune(corrections, tiny_checkpoint, 0.02, tmp_path / "out", threads=2, recipe=ft.Recipe(patience=0))
+    tuned, info = load_checkpoint(table["model"])
+    expected = lab if lab_is_better else start.config.mpp
+    assert table["mpp"] == [start.config.mpp, expected] and tuned.config.mpp == pytest.approx(expected)
+    assert ("segments at" in ft.format_table(table)) is lab_is_better
+    assert ("µm/px" in info.notes) is lab_is_better
+    from napari_bach._qt.finetune_widget import table_text
+
+    assert (f"segments at {lab:g} µm/px" in table_text(table)) is lab_is_better  # the dock says so too

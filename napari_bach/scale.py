@@ -39,9 +39,12 @@ def tissue_window(rgb: np.ndarray, size: int = WINDOW) -> tuple[slice, slice]:
     return slice(where[0], where[0] + size), slice(where[1], where[1] + size)
 
 
-def median_diameter(labels: np.ndarray) -> tuple[float, int]:
-    """Median equivalent diameter (px) of the labelled objects, and how many there are."""
-    areas = np.bincount(labels.ravel())[1:]
+def median_diameter(labels: np.ndarray | list[np.ndarray], mpp: list[float] | None = None) -> tuple[float, int]:
+    """Median equivalent diameter of the labelled objects, and how many there are: in px
+    of one label image, or in µm over several with their µm/px (every object pooled)."""
+    images = [labels] if isinstance(labels, np.ndarray) else list(labels)
+    scales = mpp if mpp is not None else [1.0] * len(images)
+    areas = np.concatenate([np.bincount(im.ravel())[1:] * m ** 2 for im, m in zip(images, scales)])
     areas = areas[areas > 0]
     if not len(areas):
         return 0.0, 0

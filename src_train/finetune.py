@@ -152,16 +152,16 @@ def lab_mpp(samples: list[Sample], config) -> float:
     """The working µm/px at which the corrections' median nucleus (equivalent diameter,
     every nucleus of every image pooled) has the model's reference size
     (``config.nucleus_diameter_um``); the model's own µm/px when it has no reference, the
-    corrections have too few nuclei, or the two are within ``SCALE_TOLERANCE``."""
-    import numpy as np
+    corrections have too few nuclei (``scale.MIN_NUCLEI``), or the two are within
+    ``SCALE_TOLERANCE``."""
+    from napari_bach.scale import MIN_NUCLEI, median_diameter
 
     if config.nucleus_diameter_um <= 0:
         return config.mpp
-    areas = np.concatenate([np.bincount(s.labels.ravel())[1:] * s.mpp ** 2 for s in samples])
-    areas = areas[areas > 0]
-    if len(areas) < 25:
+    diameter, n = median_diameter([s.labels for s in samples], [s.mpp for s in samples])
+    if n < MIN_NUCLEI:
         return config.mpp
-    ratio = float(np.sqrt(4 * np.median(areas) / np.pi)) / config.nucleus_diameter_um
+    ratio = diameter / config.nucleus_diameter_um
     ratio = min(max(ratio, SCALE_LIMITS[0]), SCALE_LIMITS[1])
     return config.mpp if abs(ratio - 1) < SCALE_TOLERANCE else round(config.mpp * ratio, 4)
 
@@ -318,8 +318,7 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
                    notes=f"{start_info.notes}; fine-tuned from {Path(model_path).name}: weights of step "
                          f"{best['step']} of {trainer.step} ({trainer.seconds / 60:.1f} min, lr {recipe.lr:g}, "
                          f"{recipe.parts}), score threshold {best['threshold']:g}"
-                         + (f", segments at {scale:g} µm/px (was {cfg.mpp:g}: the corrections' nuclei are "
-                            f"{'smaller' if scale < cfg.mpp else 'larger'})" if scale != cfg.mpp else "")
+                         + (f", segments at {scale:g} µm/px (was {cfg.mpp:g})" if scale != cfg.mpp else "")
                          + ("" if improved else "; NOT better than the starting model on the held-out corrections"),
                    metrics={"finetune": table}, created=datetime.now().astimezone().isoformat(timespec="seconds"))
     path = save_checkpoint(out / name, tuned, info, half=True)

@@ -126,7 +126,7 @@ def main() -> None:
         # the new weights at the starting model's threshold and µm/px: what the weights did
         # (forgetting included), apart from the lab's settings
         kept = with_settings(tuned, default_score_threshold=start.config.default_score_threshold,
-                             mpp=start.config.mpp, nucleus_diameter_um=start.config.nucleus_diameter_um)
+                             lab_mpp=start.config.lab_mpp)
         weights_only = {name: score(kept, samples) for name, samples in groups.items()}
         # the starting weights at the lab's µm/px: what the scale alone did
         scale_only = {name: score(at_scale(start, table["mpp"][1]), samples) for name, samples in groups.items()}

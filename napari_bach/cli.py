@@ -21,7 +21,7 @@ from .tissue import DEFAULT_TISSUE_MODEL
 from .config import Thresholds
 from .imageio import IMAGE_SUFFIXES, ImageReadError, read_image
 from .pixelsize import FILE_TAGS, check_mpp, resolve_mpp
-from .scale import unknown_scale_note
+from .scale import scale_note
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -254,9 +254,10 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         det = predict(pixels, model, pixel_size, tissue_trained=info.tissue_trained, progress=tick, tta=tta,
                       score_floor=limits.score)  # masks only for nuclei the threshold keeps
         tiles.close()
-        if not pixel_size.known:
-            log(f"[{n}/{len(jobs)}] {job.path.name}: {unknown_scale_note(det.scale_estimate, cfg.mpp)}; "
-                "sizes in pixels only (give --mpp)")
+        scale = scale_note(pixel_size, det.scale_estimate, cfg.mpp)
+        if scale:
+            log(f"[{n}/{len(jobs)}] {job.path.name}: {scale}"
+                + ("" if pixel_size.known else "; sizes in pixels only (give --mpp)"))
         seg = det.refilter(limits.score, limits.nms_iou, min_area=limits.min_area_px(det.segmented_mpp, cfg)).consecutive()
         table = measure_nuclei(seg, hematoxylin(data.rgb, seg.labels > 0))
         probs, tmap = det.tissue_probs, None
@@ -279,8 +280,8 @@ def segment_files(inputs: list[str], out: str | Path, model_path: str | Path = D
         row = {"image": str(job.path), "mpp": round(pixel_size.mpp, 4) if pixel_size.mpp else "",
                "mpp_source": pixel_size.source, "nuclei": len(seg.ids), "tissue_class": "not trained",
                "tissue_class_from_file": data.tissue_class or ""}
-        if not pixel_size.known:
-            row["note"] = unknown_scale_note(det.scale_estimate, cfg.mpp)
+        if scale:
+            row["note"] = scale
         if probs is not None:
             row["tissue_class"] = classes[int(np.argmax(probs))]
             row.update({f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs)})

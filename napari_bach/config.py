@@ -65,6 +65,12 @@ class ModelConfig:
     # have this median size (napari_bach.scale, as cellpose estimates a diameter);
     # 0: such an image runs as if it were at ``mpp``.
     nucleus_diameter_um: float = 0.0
+    # A model fine-tuned on one lab's corrections whose nuclei are smaller (or larger) than
+    # that reference: > 0, an image of known µm/px is segmented at the scale where its own
+    # median nucleus (a first pass) has the reference size, bounded between its µm/px and
+    # the lab's (this µm/px as the model's ``mpp``), so other tissue keeps its own scale;
+    # 0: at its µm/px (napari_bach.scale.iter_estimate_mpp, src_train.finetune.lab_mpp).
+    lab_mpp: float = 0.0
     tile_size: int = 512
     tile_overlap: int = 96
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -82,6 +88,8 @@ class ModelConfig:
             raise ValueError(f"mask_threshold is a probability between 0 and 1 (exclusive), got {self.mask_threshold:g}")
         if self.nucleus_diameter_um < 0:
             raise ValueError("nucleus_diameter_um is a size in µm (0: no scale estimate for unknown µm/px)")
+        if self.lab_mpp < 0 or (self.lab_mpp and not self.nucleus_diameter_um):
+            raise ValueError("lab_mpp is a µm/px (0: none) and needs nucleus_diameter_um, the size it matches")
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.norm not in ("group", "frozen_bn", "bn"):
@@ -128,7 +136,7 @@ class ModelConfig:
 # What a checkpoint's weights do not depend on: changed without retraining (``ship --config``,
 # ``evaluate --config``, :func:`napari_bach.model.with_settings`) and chosen on validation.
 INFERENCE_SETTINGS: tuple[str, ...] = (
-    "mpp", "nucleus_diameter_um", "tile_size", "tile_overlap", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_nms", "roi_sampling_ratio",
+    "mpp", "nucleus_diameter_um", "lab_mpp", "tile_size", "tile_overlap", "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_nms", "roi_sampling_ratio",
     "candidate_score", "candidate_nms", "max_candidates_per_tile",
     "default_score_threshold", "default_nms_iou", "default_min_area", "mask_threshold")
 

@@ -56,7 +56,7 @@ class Detections:
     candidate_nms: float = 1.0  # NMS already applied to the candidates
     score_floor: float = 0.0  # candidates below this score were never computed
     pixel_size: PixelSize = PixelSize(None)  # of the image the candidates are in
-    scale_estimate: float | None = None  # µm/px it was segmented at when its own is unknown (napari_bach.scale)
+    scale_estimate: float | None = None  # µm/px it was segmented at when not its own (napari_bach.scale)
     classes: tuple[str, ...] = BACH_CLASSES  # order of tissue_probs
     _ranked_by_iou: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -65,8 +65,8 @@ class Detections:
 
     @property
     def segmented_mpp(self) -> float | None:
-        """The µm/px its nuclei were segmented at (the image's own, else the estimate):
-        what a minimum area in µm² is converted at."""
+        """The image's µm/px, else the scale its nuclei were segmented at: what a minimum
+        area in µm² is converted at."""
         return self.pixel_size.mpp or self.scale_estimate
 
     def select(self, score_threshold: float, nms_iou: float) -> np.ndarray:

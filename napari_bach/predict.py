@@ -260,21 +260,22 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
     runs whose threshold is known in advance; refiltering at that threshold or above
     gives the same nuclei as from the full candidate cache. ``stain``: the image's stain
     when known (a slide's), for models with stain normalisation (:func:`run_tiled`).
-    ``estimate_scale``: an image of unknown µm/px is segmented at the scale its nuclei
-    say (:mod:`napari_bach.scale`; ``Detections.scale_estimate``), for models that know
-    their nuclei's size; otherwise, or when that fails, as if at the model's own µm/px. A
-    number is an estimate made elsewhere (a slide's, once for all its blocks)."""
+    ``estimate_scale``: an image of unknown µm/px, or any image for a lab model, is
+    segmented at the scale its nuclei say (:mod:`napari_bach.scale`;
+    ``Detections.scale_estimate``), for models that know their nuclei's size; otherwise, or
+    when that fails, at its own µm/px or as if at the model's. A number is an estimate made
+    elsewhere (a slide's, once for all its blocks)."""
+    from .scale import iter_estimate_mpp, needs_estimate
+
     model = for_inference(model)
     cfg = model.config
     pixel_size = as_pixel_size(pixel_size)
     working = pixel_size  # the µm/px the tiles are cut at; an estimate never becomes the image's own
     estimate = None
-    if not pixel_size.known and not isinstance(estimate_scale, bool):
+    if needs_estimate(pixel_size, cfg) and not isinstance(estimate_scale, bool):
         estimate = float(estimate_scale)
-    elif estimate_scale and not pixel_size.known and cfg.nucleus_diameter_um > 0:
-        from .scale import iter_estimate_mpp
-
-        estimate = yield from iter_estimate_mpp(rgb, model)
+    elif estimate_scale and needs_estimate(pixel_size, cfg):
+        estimate = yield from iter_estimate_mpp(rgb, model, pixel_size)
     if estimate:
         working = PixelSize(estimate, ESTIMATED)
     if tta:

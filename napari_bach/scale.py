@@ -9,12 +9,18 @@ at the µm/px where that median matches the model's own (``config.nucleus_diamet
 measured by ``src_train evaluate`` on validation images at their true µm/px). The
 estimate sets the segmentation scale only: sizes stay in pixels, since it is not a
 measurement of the scanner.
+
+A model fine-tuned on a lab whose nuclei are smaller than the reference (``config.lab_mpp``)
+makes the same pass on images of known µm/px too: each is segmented where its nuclei have
+the reference size, between its own scale and the lab's, so the lab's images get the lab's
+scale and other tissue, with larger nuclei, keeps its own; sizes stay in µm.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .imageio import is_tissue
+from .pixelsize import PixelSize
 
 WINDOW = 768  # image pixels per side sampled (the whole image when smaller): ~4 tiles
 MIN_NUCLEI = 25  # fewer nuclei in the window: no estimate, the model's own scale is used
@@ -51,38 +57,66 @@ def median_diameter(labels: np.ndarray | list[np.ndarray], mpp: list[float] | No
     return float(np.sqrt(4 * np.median(areas) / np.pi)), len(areas)
 
 
-def iter_estimate_mpp(rgb: np.ndarray, model):
+def needs_estimate(pixel_size, config) -> bool:
+    """Whether an image is segmented at a scale its nuclei say: its µm/px is unknown, or
+    the model is a lab's (``config.lab_mpp``); only for models with a reference size."""
+    return config.nucleus_diameter_um > 0 and (not pixel_size.known or config.lab_mpp > 0)
+
+
+def lab_bounds(mpp: float, config) -> tuple[float, float]:
+    """The µm/px a lab model segments an image of ``mpp`` between: its own, and the lab's
+    (the image's scaled as ``config.lab_mpp`` is to ``config.mpp``)."""
+    lab = mpp * config.mpp / config.lab_mpp
+    return min(mpp, lab), max(mpp, lab)
+
+
+def iter_estimate_mpp(rgb: np.ndarray, model, pixel_size=None):
     """Generator (progress, as :func:`~napari_bach.predict.iter_predict`) returning the µm/px
     at which ``rgb``'s nuclei have the model's median diameter, or None when the model has
-    no reference size, the window holds too few nuclei, or the answer is implausible."""
+    no reference size, the window holds too few nuclei, or the answer is implausible. With
+    ``pixel_size`` known (a lab model's pass, :func:`needs_estimate`), the pass runs at it
+    and the answer is bounded by :func:`lab_bounds`."""
     from .predict import Progress, iter_predict, relayed
 
     cfg = model.config
-    if cfg.nucleus_diameter_um <= 0:
+    pixel_size = pixel_size if pixel_size is not None else PixelSize(None)
+    if not needs_estimate(pixel_size, cfg):
         return None
+    why = "fitting the lab's scale" if pixel_size.known else "µm/px unknown, estimating the scale"
     ys, xs = tissue_window(rgb)
-    run = iter_predict(np.ascontiguousarray(rgb[ys, xs]), model, None, tissue_trained=False,
+    run = iter_predict(np.ascontiguousarray(rgb[ys, xs]), model, pixel_size, tissue_trained=False,
                        score_floor=cfg.default_score_threshold, estimate_scale=False)
-    det = yield from relayed(run, lambda step: Progress(step.done, step.total,
-                                                        f"µm/px unknown, estimating the scale: {step.message}"))
+    det = yield from relayed(run, lambda step: Progress(step.done, step.total, f"{why}: {step.message}"))
     seg = det.refilter(cfg.default_score_threshold, cfg.default_nms_iou)
     diameter, n = median_diameter(seg.labels)
     if n < MIN_NUCLEI:
         return None
     mpp = cfg.nucleus_diameter_um / diameter
+    if pixel_size.known:
+        low, high = lab_bounds(pixel_size.mpp, cfg)
+        return min(max(mpp, low), high)
     return mpp if MPP_LIMITS[0] <= mpp <= MPP_LIMITS[1] else None
 
 
-def unknown_scale_note(scale_estimate: float | None, model_mpp: float) -> str:
-    """What the user is told about an image of unknown µm/px (``Detections.scale_estimate``)."""
-    if scale_estimate:
-        return f"µm/px unknown: segmented at {scale_estimate:.3g} µm/px, estimated from the size of its nuclei"
-    return f"µm/px unknown: ran as if at the model's {model_mpp:g} µm/px"
+def scale_note(pixel_size: PixelSize, scale_estimate: float | None, model_mpp: float) -> str:
+    """What the user is told about the scale an image was segmented at
+    (``Detections.scale_estimate``): always when its µm/px is unknown; for a lab model's
+    image segmented at another scale than its own, that scale; else ""."""
+    if not pixel_size.known:
+        if scale_estimate:
+            return f"µm/px unknown: segmented at {scale_estimate:.3g} µm/px, estimated from the size of its nuclei"
+        return f"µm/px unknown: ran as if at the model's {model_mpp:g} µm/px"
+    mpp = pixel_size.mpp
+    if not scale_estimate or abs(scale_estimate - mpp) < 1e-3 * mpp:
+        return ""
+    return (f"segmented at {scale_estimate:.3g} µm/px (its own {mpp:.3g}): its nuclei are "
+            f"{'smaller' if scale_estimate > mpp else 'larger'} than the model's, as in the lab's corrections")
 
 
 def iter_estimate_slide_mpp(slide, model):
-    """:func:`iter_estimate_mpp` for a slide of unknown µm/px: on the level-0 window under
-    the most tissue-rich part of its overview, so one estimate serves all its blocks."""
+    """:func:`iter_estimate_mpp` for a slide (of unknown µm/px, or for a lab model): on the
+    level-0 window under the most tissue-rich part of its overview, so one estimate serves
+    all its blocks."""
     from .slideio import overview
 
     rgb, factor = overview(slide)
@@ -90,4 +124,5 @@ def iter_estimate_slide_mpp(slide, model):
     h, w = slide.shape
     y0 = min(int(ys.start * factor), max(0, h - WINDOW))
     x0 = min(int(xs.start * factor), max(0, w - WINDOW))
-    return (yield from iter_estimate_mpp(slide.read(y0, x0, min(h, y0 + WINDOW), min(w, x0 + WINDOW)), model))
+    return (yield from iter_estimate_mpp(slide.read(y0, x0, min(h, y0 + WINDOW), min(w, x0 + WINDOW)), model,
+                                         slide.pixel_size))

@@ -28,7 +28,7 @@ from .geojson import geojson_features, polygons
 from .measure import hematoxylin, measure_nuclei
 from .pixelsize import ESTIMATED, PixelSize
 from .predict import Progress, iter_predict, plan_tiles, relayed
-from .scale import MPP_LIMITS, iter_estimate_slide_mpp, unknown_scale_note
+from .scale import MPP_LIMITS, iter_estimate_slide_mpp, needs_estimate, scale_note
 from .slideio import Slide, open_slide, overview, tissue_mask
 from .stain import estimate_stain
 from .tiling import Tile, centre_in, tile_grid
@@ -51,7 +51,7 @@ class SlideResult:
     region: tuple[int, int, int, int]  # y0 x0 y1 x1 in level-0 pixels
     resumed: int = 0  # blocks found finished from an earlier run
     finished_before: bool = False  # the whole run was found finished: nothing was redone or rewritten
-    scale_estimate: float | None = None  # µm/px it was segmented at when its own is unknown (napari_bach.scale)
+    scale_estimate: float | None = None  # µm/px it was segmented at when not its own (napari_bach.scale)
 
 
 def outputs(out_dir: str | Path, stem: str) -> dict[str, Path]:
@@ -161,11 +161,11 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
                       "mpp_source": slide.pixel_size.source}
     if "scale_estimate" not in state:  # once per slide: a resumed run keeps its first estimate
         state["scale_estimate"] = None
-        if not slide.pixel_size.known and model.config.nucleus_diameter_um > 0:
+        if needs_estimate(slide.pixel_size, model.config):
             state["scale_estimate"] = yield from iter_estimate_slide_mpp(slide, model)
     estimate = state["scale_estimate"]
-    segmented = PixelSize(estimate, ESTIMATED) if estimate else slide.pixel_size
-    min_area_px = limits.min_area_px(segmented.mpp, model.config)
+    working = PixelSize(estimate, ESTIMATED) if estimate else slide.pixel_size  # the µm/px tiles are cut at
+    min_area_px = limits.min_area_px(slide.pixel_size.mpp or estimate, model.config)
     out_dir.mkdir(parents=True, exist_ok=True)
     files["parts"].mkdir(exist_ok=True)
     labels = zarr.open_array(str(files["labels"]), mode="a", shape=(y1 - y0, x1 - x0), dtype="int32",
@@ -191,13 +191,14 @@ def iter_segment_slide(slide: Slide, model, out_dir: str | Path, region: tuple[i
     state["skipped"] = skipped  # blocks without tissue are never "done": counted afresh each run
     resumed = len(done)
     # progress counts tiles of the blocks still to do, so the bar moves every few seconds
-    tiles = [len(plan_tiles((b.y1 - b.y0, b.x1 - b.x0), model.config, segmented).tiles)
+    tiles = [len(plan_tiles((b.y1 - b.y0, b.x1 - b.x0), model.config, working).tiles)
              for b in (blocks[k] for k in work)]
     total = max(1, sum(tiles))
     clock = _Clock(total)
+    scale = scale_note(slide.pixel_size, estimate, model.config.mpp)
     yield Progress(0, total, f"{len(blocks)} blocks, {len(work)} with tissue to do ({total} tiles)"
                    + (f", {resumed} done before" if resumed else "")
-                   + ("" if slide.pixel_size.known else f"; {unknown_scale_note(estimate, model.config.mpp)}"))
+                   + (f"; {scale}" if scale else ""))
 
     def read(k: int) -> np.ndarray:
         b = blocks[k]
@@ -370,8 +371,8 @@ def segment_slide_file(path: str | Path, out_dir: str | Path, model_path: str | 
         note = "already finished: skipped"
     elif result.resumed:
         note += f", {result.resumed} resumed"
-    if not result.pixel_size.known:
-        note += f"; {unknown_scale_note(result.scale_estimate, model.config.mpp)}"
+    scale = scale_note(result.pixel_size, result.scale_estimate, model.config.mpp)
+    note += f"; {scale}" if scale else ""
     row = {"image": str(path), "nuclei": result.nuclei, "mpp": round(result.pixel_size.mpp, 4) if result.pixel_size.mpp else "",
            "mpp_source": result.pixel_size.source, "tissue_class": "not trained", "note": note}
     if tissue is not None:

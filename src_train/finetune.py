@@ -13,9 +13,11 @@ The result is written only into the folder given, as a new file named with the d
 the dataset; the starting model is never touched, nor is anything in the dataset.
 
 A lab whose nuclei are smaller or larger than the model's reference size (the corrections'
-median says so, exactly: they are labels) gets a model that segments at the µm/px where its
+median says so, exactly: they are labels) gets a model that zooms its images until their
 nuclei look like the reference (:func:`lab_mpp`), as a custom cellpose model keeps its
-labels' diameter; the held-out corrections confirm it before training, or it is not used.
+labels' diameter: each image by its own nuclei (a first pass), from its own scale up to the
+lab's, so other tissue is left at its own (``ModelConfig.lab_mpp``). The held-out
+corrections confirm it before training, or it is not used.
 """
 from __future__ import annotations
 
@@ -104,10 +106,11 @@ class Recipe:
     # augment.AUGMENTS: "light" lets one lab's corrections teach (+0.02 F1 on CoNSeP against
     # +0.00 with the main training's wide colour range); "shipped" for corrections of many labs
     augment: str = "light"
-    # segment this lab's images at the scale where the corrections' median nucleus is the
-    # model's reference size (cellpose's custom models keep their labels' diameter alike),
-    # when the held-out corrections score better so before training: CoNSeP's 4.2 µm nuclei
-    # (the model's 5.63 µm) are found better at 0.22 µm/px than at 0.3 (+0.04 F1, start model)
+    # segment images with nuclei like the corrections' at the scale where their median
+    # nucleus is the model's reference size (cellpose's custom models keep their labels'
+    # diameter alike), when the held-out corrections score better so before training:
+    # CoNSeP's 4.45 µm nuclei (the model's 5.63 µm) are found better at 0.237 µm/px than at
+    # 0.3 (+0.02 F1, start model); each image by its own nuclei, so MoNuSeg and CPM-15 keep theirs
     lab_scale: bool = True
 
     def __post_init__(self) -> None:
@@ -167,14 +170,19 @@ def lab_mpp(samples: list[Sample], config) -> float:
 
 
 def at_scale(model, mpp: float):
-    """``model`` segmenting at ``mpp``; its reference nucleus size (for images of unknown
-    µm/px) scaled alike, so such an image is also seen at the lab's scale."""
+    """``model`` as a lab's model whose images' nuclei look like the reference at ``mpp``
+    (``ModelConfig.lab_mpp``: each image zoomed by its own nuclei, up to the lab's)."""
     from napari_bach.model import with_settings
 
-    cfg = model.config
-    if mpp == cfg.mpp:
-        return model
-    return with_settings(model, mpp=mpp, nucleus_diameter_um=cfg.nucleus_diameter_um * mpp / cfg.mpp)
+    return model if mpp == model.config.mpp else with_settings(model, lab_mpp=mpp)
+
+
+def zoom_phrase(start: float, lab: float) -> str:
+    """How a lab model treats images, in words ("" when it is not one)."""
+    if start == lab:
+        return ""
+    return (f"images with {'smaller' if lab < start else 'larger'} nuclei than the model's, as the corrections', "
+            f"are zoomed up to {start / lab:.2f}× before segmenting; others keep their scale")
 
 
 THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(14))  # 0.2–0.85, re-chosen on the held-out corrections
@@ -318,7 +326,7 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
                    notes=f"{start_info.notes}; fine-tuned from {Path(model_path).name}: weights of step "
                          f"{best['step']} of {trainer.step} ({trainer.seconds / 60:.1f} min, lr {recipe.lr:g}, "
                          f"{recipe.parts}), score threshold {best['threshold']:g}"
-                         + (f", segments at {scale:g} µm/px (was {cfg.mpp:g})" if scale != cfg.mpp else "")
+                         + (f"; {zoom_phrase(cfg.mpp, scale)}" if scale != cfg.mpp else "")
                          + ("" if improved else "; NOT better than the starting model on the held-out corrections"),
                    metrics={"finetune": table}, created=datetime.now().astimezone().isoformat(timespec="seconds"))
     path = save_checkpoint(out / name, tuned, info, half=True)
@@ -336,20 +344,11 @@ def verdict(table: dict) -> str:
             f"{Path(table['start_model']).name} (the fine-tuned model is saved, if you want to look at it).")
 
 
-def scale_note(table: dict) -> str:
-    """A line when the fine-tuned model segments at another µm/px than the start (else "")."""
-    start, lab = table.get("mpp", (0, 0))
-    if start == lab:
-        return ""
-    return (f"It segments at {lab:g} µm/px instead of {start:g}: the corrections' nuclei are "
-            f"{'smaller' if lab < start else 'larger'} than the model's reference size, so this model is for "
-            "images like them.\n")
-
-
 def format_table(table: dict) -> str:
     """The before/after table as the CLI prints it, with the held-out images named."""
     keys = ("f1", "aji", "pq", "dice")
     t0, t1 = table["score_threshold"]
+    zoom = zoom_phrase(*table.get("mpp", (0, 0)))
     rows = [f"{'':<10}{'F1@0.5':>8}{'AJI':>8}{'PQ':>8}{'Dice':>8}   score threshold",
             f"{'before':<10}" + "".join(f"{table['before'][k]:>8.3f}" for k in keys) + f"   {t0:g}",
             f"{'after':<10}" + "".join(f"{table['after'][k]:>8.3f}" for k in keys) + f"   {t1:g}",
@@ -357,5 +356,5 @@ def format_table(table: dict) -> str:
     return "\n".join(rows) + (f"\non {len(table['held_out_images'])} held-out image(s) "
                               f"({', '.join(table['held_out_images'])}); weights of step {table['chosen_step']} "
                               f"of {table['steps']} in {table['minutes']:g} min; model: {table.get('model', '')}\n"
-                              + scale_note(table)
+                              + (f"Lab scale: {zoom}.\n" if zoom else "")
                               + verdict(table))

@@ -237,8 +237,8 @@ def test_lab_scale_matches_the_corrections_nucleus_size_to_the_models():
     from napari_bach.model import build_model
 
     model = build_model(tiny_config(mpp=0.3, nucleus_diameter_um=6.0))
-    lab = at_scale(model, 0.2)
-    assert lab.config.mpp == 0.2 and lab.config.nucleus_diameter_um == pytest.approx(4.0)
+    lab = at_scale(model, 0.2)  # the weights' own scale and reference size stay; each image is zoomed by its nuclei
+    assert (lab.config.mpp, lab.config.nucleus_diameter_um, lab.config.lab_mpp) == (0.3, 6.0, 0.2)
     assert at_scale(model, 0.3) is model
 
 
@@ -255,7 +255,7 @@ def test_the_lab_scale_is_kept_only_when_the_held_out_corrections_score_better_a
 
     def candidates(model, held, thresholds):  # the held-out corrections' verdict on each scale
         scores = real(model, held, thresholds)
-        if lab_is_better and model.config.mpp == lab:
+        if lab_is_better and model.config.lab_mpp == lab:
             scores = {t: {**m, "f1": m["f1"] + 0.1, "aji": m["aji"] + 0.1, "pq": m["pq"] + 0.1} for t, m in scores.items()}
         return scores
 
@@ -263,9 +263,11 @@ def test_the_lab_scale_is_kept_only_when_the_held_out_corrections_score_better_a
     table = ft.finetune(corrections, tiny_checkpoint, 0.02, tmp_path / "out", threads=2, recipe=ft.Recipe(patience=0))
     tuned, info = load_checkpoint(table["model"])
     expected = lab if lab_is_better else start.config.mpp
-    assert table["mpp"] == [start.config.mpp, expected] and tuned.config.mpp == pytest.approx(expected)
-    assert ("segments at" in ft.format_table(table)) is lab_is_better
-    assert ("µm/px" in info.notes) is lab_is_better
+    assert table["mpp"] == [start.config.mpp, expected] and tuned.config.mpp == start.config.mpp
+    assert tuned.config.lab_mpp == pytest.approx(lab if lab_is_better else 0.0)
+    zoom = f"zoomed up to {start.config.mpp / lab:.2f}×"
+    assert (zoom in ft.format_table(table)) is lab_is_better
+    assert (zoom in info.notes) is lab_is_better
     from napari_bach._qt.finetune_widget import table_text
 
-    assert (f"segments at {lab:g} µm/px" in table_text(table)) is lab_is_better  # the dock says so too
+    assert (zoom in table_text(table)) is lab_is_better  # the dock says so too

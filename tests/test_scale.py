@@ -53,3 +53,27 @@ def test_no_estimate_without_a_reference_size_few_nuclei_or_a_known_mpp():
     model = OracleModel(tiny_config(mpp=0.6, nucleus_diameter_um=9.0))
     assert predict(few, model, None).scale_estimate is None
     assert predict(_image(), model, 0.4).scale_estimate is None  # the file's own µm/px wins
+
+
+@pytest.mark.parametrize("mpp, working", [
+    (0.3, 9.0 / np.sqrt(4 * 400 / np.pi)),  # 6.8 µm nuclei: zoomed until they look 9 µm (0.40 µm/px)
+    (0.2, 0.2 * 0.3 / 0.2),  # 4.5 µm: smaller than even the lab's, zoomed as far as the lab's only
+    (0.45, 0.45),  # 10 µm: larger than the model's, so not like the lab's: its own scale
+])
+def test_a_lab_model_zooms_each_image_by_its_own_nuclei_between_its_scale_and_the_labs(mpp, working):
+    from napari_bach.pixelsize import PixelSize
+    from napari_bach.scale import scale_note
+
+    # the lab's nuclei look like the model's 9 µm at 0.2 µm/px where the model works at 0.3
+    model = OracleModel(tiny_config(mpp=0.3, nucleus_diameter_um=9.0, lab_mpp=0.2))
+    det = predict(_image(), model, mpp)
+    assert det.scale_estimate == pytest.approx(working, rel=0.02)
+    assert det.pixel_size.mpp == mpp == det.segmented_mpp  # sizes and minimum areas stay in the image's µm
+    assert len(det.refilter(0.5, 0.5).ids) == len(SQUARES)
+    note = scale_note(det.pixel_size, det.scale_estimate, 0.3)
+    assert ("its nuclei are smaller" in note) == (working > mpp) and (note == "") == (working == mpp)
+    few = image_with_squares((600, 600), SQUARES[: MIN_NUCLEI - 1])
+    assert predict(few, model, mpp).scale_estimate is None  # nothing to judge by: its own scale
+    with pytest.raises(ValueError, match="needs nucleus_diameter_um"):
+        tiny_config(mpp=0.3, lab_mpp=0.2)
+    assert scale_note(PixelSize(None), None, 0.3).startswith("µm/px unknown")

@@ -142,6 +142,24 @@ def test_a_slide_of_unknown_mpp_is_segmented_at_one_scale_estimated_from_its_nuc
     assert again.finished_before and again.scale_estimate == result.scale_estimate
 
 
+def test_a_lab_models_slide_is_zoomed_once_by_its_nuclei_and_measured_in_its_own_microns(tmp_path):
+    """As test_scale's lab model: 21 px nuclei at 0.3 µm/px (6.8 µm) look like the model's
+    9 µm at 0.40 µm/px, inside the lab's bound (0.45); one estimate for all blocks."""
+    squares = [(y, x, 21) for y in range(30, 560, 60) for x in range(40, 760, 60)]
+    path = write_pyramid(tmp_path / "lab.tif", image_with_squares((600, 800), squares), mpp=0.3)
+    model = OracleModel(tiny_config(tile_size=128, tile_overlap=32, mpp=0.3, nucleus_diameter_um=9.0, lab_mpp=0.2))
+    messages = []
+    gen = iter_segment_slide(open_slide(path), model, tmp_path / "out", block_size=400)
+    try:
+        while True:
+            messages.append(next(gen).message)
+    except StopIteration as stop:
+        result = stop.value
+    assert result.scale_estimate == pytest.approx(9.0 / np.sqrt(4 * 400 / np.pi), rel=0.03)
+    assert result.pixel_size.mpp == pytest.approx(0.3) and result.nuclei == len(squares) and result.blocks > 1
+    assert any("segmented at 0.399 µm/px (its own 0.3)" in m for m in messages)
+
+
 def test_cancel_then_resume_gives_the_uninterrupted_result(tmp_path, squares_slide):
     path, _ = squares_slide
     full = drain(iter_segment_slide(open_slide(path), _oracle(), tmp_path / "full", block_size=260))

@@ -197,8 +197,10 @@ def table_text(result: dict) -> str:
             line("change", [f"{result['after'][k] - result['before'][k]:+.3f}" for _, k in keys])]
     verdict = "better" if result["better"] else "<b>not better</b>"
     images = ", ".join(result["held_out_images"])
-    start, lab = result.get("mpp", (0, 0))  # finetune.lab_mpp: the corrections' nucleus size moved it
-    scale = f"; segments at {lab:g} µm/px (was {start:g}), for images like the corrections" if start != lab else ""
+    from src_train.finetune import zoom_phrase
+
+    zoom = zoom_phrase(*result.get("mpp", (0, 0)))  # finetune.lab_mpp: the corrections' nucleus size
+    scale = f"; {zoom}" if zoom else ""
     return (f"{len(result['held_out_images'])} held-out image(s): {images}<table cellspacing='0'>{''.join(rows)}"
             f"</table>{verdict}: weights of step {result['chosen_step']} of {result['steps']} "
             f"({result['minutes']:g} min){scale}")

@@ -20,7 +20,7 @@ from ..pixelsize import EXPLICIT, PixelSize
 from ..colour import ColourCheck, check_colours, model_input
 from ..predict import iter_predict
 from ..tissue import DEFAULT_TISSUE_MODEL, TissueInfo, TissueMap, classify_image
-from ..scale import unknown_scale_note
+from ..scale import scale_note
 from .common import (DEFAULT_CHOICE, BackgroundTask, ModelPicker, find_result_layer, image_and_placement,
                       layer_pixel_size, layer_rgb, layer_tissue_class, put_result_layer, row, scrolling, tissue_text,
                       wrap)
@@ -376,9 +376,9 @@ class SegmentWidget(Container):
                                                f"{len(r.edits.removed)} model nuclei removed or redrawn)"
                                                if r.edits else "")]
         ps = r.det.pixel_size
-        if not ps.known:
-            lines.append(f"{unknown_scale_note(r.det.scale_estimate, r.model_mpp)}; sizes in pixels "
-                         "(set µm/px and run again for µm)")
+        scale = scale_note(ps, r.det.scale_estimate, r.model_mpp)
+        if scale:
+            lines.append(scale + ("" if ps.known else "; sizes in pixels (set µm/px and run again for µm)"))
         lines += r.info.status_parts(self._tissue_status())
         if r.colours is not None and r.colours.warning:
             lines.append(f"WARNING: {r.colours.warning}")

@@ -66,10 +66,10 @@ class ModelConfig:
     # 0: such an image runs as if it were at ``mpp``.
     nucleus_diameter_um: float = 0.0
     # A model fine-tuned on one lab's corrections whose nuclei are smaller (or larger) than
-    # that reference: > 0, an image of known µm/px is segmented at the scale where its own
-    # median nucleus (a first pass) has the reference size, bounded between its µm/px and
-    # the lab's (this µm/px as the model's ``mpp``), so other tissue keeps its own scale;
-    # 0: at its µm/px (napari_bach.scale.iter_estimate_mpp, src_train.finetune.lab_mpp).
+    # that reference: > 0, the µm/px where their median looks like it (below ``mpp``:
+    # smaller). An image of known µm/px whose own median nucleus (a first pass) is smaller
+    # too, as the lab's, is segmented where it has the reference size (zoomed at most 2×);
+    # other tissue keeps its scale; 0: every image at its µm/px (napari_bach.scale).
     lab_mpp: float = 0.0
     tile_size: int = 512
     tile_overlap: int = 96

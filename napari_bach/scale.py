@@ -11,9 +11,9 @@ estimate sets the segmentation scale only: sizes stay in pixels, since it is not
 measurement of the scanner.
 
 A model fine-tuned on a lab whose nuclei are smaller than the reference (``config.lab_mpp``)
-makes the same pass on images of known µm/px too: each is segmented where its nuclei have
-the reference size, between its own scale and the lab's, so the lab's images get the lab's
-scale and other tissue, with larger nuclei, keeps its own; sizes stay in µm.
+makes the same pass on images of known µm/px too: an image whose nuclei are smaller, as the
+lab's, is segmented where they have the reference size (zoomed at most 2×), and other
+tissue, with larger nuclei, keeps its own scale; sizes stay in µm.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .pixelsize import PixelSize
 WINDOW = 768  # image pixels per side sampled (the whole image when smaller): ~4 tiles
 MIN_NUCLEI = 25  # fewer nuclei in the window: no estimate, the model's own scale is used
 MPP_LIMITS = (0.1, 1.5)  # an estimate outside this µm/px range is not trusted
+ZOOM_LIMITS = (0.5, 2.0)  # a lab's nuclei at most this far from the reference size (their ratio)
 
 
 def tissue_window(rgb: np.ndarray, size: int = WINDOW) -> tuple[slice, slice]:
@@ -64,10 +65,10 @@ def needs_estimate(pixel_size, config) -> bool:
 
 
 def lab_bounds(mpp: float, config) -> tuple[float, float]:
-    """The µm/px a lab model segments an image of ``mpp`` between: its own, and the lab's
-    (the image's scaled as ``config.lab_mpp`` is to ``config.mpp``)."""
-    lab = mpp * config.mpp / config.lab_mpp
-    return min(mpp, lab), max(mpp, lab)
+    """The µm/px a lab model segments an image of ``mpp`` between: its own, and a zoom of
+    at most ``ZOOM_LIMITS`` on the lab's side (smaller nuclei, when ``config.lab_mpp`` is
+    below ``config.mpp``: enlarged; larger: reduced)."""
+    return (mpp, mpp / ZOOM_LIMITS[0]) if config.lab_mpp < config.mpp else (mpp / ZOOM_LIMITS[1], mpp)
 
 
 def iter_estimate_mpp(rgb: np.ndarray, model, pixel_size=None):

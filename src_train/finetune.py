@@ -15,9 +15,10 @@ the dataset; the starting model is never touched, nor is anything in the dataset
 A lab whose nuclei are smaller or larger than the model's reference size (the corrections'
 median says so, exactly: they are labels) gets a model that zooms its images until their
 nuclei look like the reference (:func:`lab_mpp`), as a custom cellpose model keeps its
-labels' diameter: each image by its own nuclei (a first pass), from its own scale up to the
-lab's, so other tissue is left at its own (``ModelConfig.lab_mpp``). The held-out
-corrections confirm it before training, or it is not used.
+labels' diameter: each image by its own nuclei (its labels in training, a first pass in
+use), when they are smaller (larger) as the lab's, so other tissue is left at its own
+(``ModelConfig.lab_mpp``). The held-out corrections confirm it before training, or it is
+not used.
 """
 from __future__ import annotations
 
@@ -147,17 +148,16 @@ def mix_replay(train: list[Sample], replay: list[Sample], share: float, even: bo
     return [replace(s, weight=weight) for s in train] + list(replay)
 
 
-SCALE_LIMITS = (0.5, 2.0)  # a lab scale at most this far from the model's (its ratio)
 SCALE_TOLERANCE = 0.05  # a lab scale within 5% of the model's is the model's
 
 
 def lab_mpp(samples: list[Sample], config) -> float:
     """The working µm/px at which the corrections' median nucleus (equivalent diameter,
     every nucleus of every image pooled) has the model's reference size
-    (``config.nucleus_diameter_um``); the model's own µm/px when it has no reference, the
-    corrections have too few nuclei (``scale.MIN_NUCLEI``), or the two are within
-    ``SCALE_TOLERANCE``."""
-    from napari_bach.scale import MIN_NUCLEI, median_diameter
+    (``config.nucleus_diameter_um``), within ``scale.ZOOM_LIMITS``; the model's own µm/px
+    when it has no reference, the corrections have too few nuclei (``scale.MIN_NUCLEI``),
+    or the two are within ``SCALE_TOLERANCE``."""
+    from napari_bach.scale import MIN_NUCLEI, ZOOM_LIMITS, median_diameter
 
     if config.nucleus_diameter_um <= 0:
         return config.mpp
@@ -165,8 +165,20 @@ def lab_mpp(samples: list[Sample], config) -> float:
     if n < MIN_NUCLEI:
         return config.mpp
     ratio = diameter / config.nucleus_diameter_um
-    ratio = min(max(ratio, SCALE_LIMITS[0]), SCALE_LIMITS[1])
+    ratio = min(max(ratio, ZOOM_LIMITS[0]), ZOOM_LIMITS[1])
     return config.mpp if abs(ratio - 1) < SCALE_TOLERANCE else round(config.mpp * ratio, 4)
+
+
+def zoomed(sample: Sample, config, lab: float) -> Sample:
+    """A correction as a lab model (:func:`at_scale`) sees it in use: zoomed until its own
+    median nucleus (its labels) has the reference size, when it is on the lab's side
+    (``scale.lab_bounds``). The trainer rescales an image by its µm/px over the model's, so
+    the µm/px it is given is the one its tiles are cut at in use."""
+    from napari_bach.scale import lab_bounds
+
+    working = sample.mpp * config.mpp / lab_mpp([sample], config)  # its nuclei at the reference size
+    low, high = lab_bounds(sample.mpp, replace(config, lab_mpp=lab))
+    return replace(sample, mpp=min(max(working, low), high))
 
 
 def at_scale(model, mpp: float):
@@ -181,8 +193,9 @@ def zoom_phrase(start: float, lab: float) -> str:
     """How a lab model treats images, in words ("" when it is not one)."""
     if start == lab:
         return ""
-    return (f"images with {'smaller' if lab < start else 'larger'} nuclei than the model's, as the corrections', "
-            f"are zoomed up to {start / lab:.2f}× before segmenting; others keep their scale")
+    side = "smaller" if lab < start else "larger"
+    return (f"images whose nuclei are {side} than the model's, as the corrections' are ({start / lab:.2f}× "
+            "on the median), are zoomed until they look its size before segmenting; others keep their scale")
 
 
 THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(14))  # 0.2–0.85, re-chosen on the held-out corrections
@@ -267,9 +280,7 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
                        train_parts=recipe.parts, warmup_steps=min(20, steps_guess // 5), checkpoint_every=50,
                        val_every_steps=10**9, seed=seed, device=device, threads=threads, patience=10**9,
                        augment=copy.deepcopy(AUGMENTS[recipe.augment]))
-    # the corrections are trained at the lab's scale: the trainer rescales each image by its
-    # µm/px over the model's, so a µm/px scaled by model/lab gives the lab's zoom
-    lab_train = [replace(s, mpp=s.mpp * cfg.mpp / scale) for s in train]
+    lab_train = [zoomed(s, cfg, scale) for s in train] if scale != cfg.mpp else train  # as they are seen in use
     train_mix = mix_replay(lab_train, replay or [], recipe.replay_share, recipe.replay_even)
     sampling = replace(cfg, box_batch_size=recipe.box_batch, box_positive_fraction=recipe.box_positive_fraction,
                        rpn_batch_size=recipe.rpn_batch)  # training only: the saved model keeps cfg

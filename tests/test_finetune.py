@@ -212,7 +212,8 @@ def test_lab_scale_matches_the_corrections_nucleus_size_to_the_models():
 
     from napari_bach.config import ModelConfig
     from src_train.datasets import Sample
-    from src_train.finetune import SCALE_LIMITS, at_scale, lab_mpp
+    from napari_bach.scale import ZOOM_LIMITS
+    from src_train.finetune import at_scale, lab_mpp, zoomed
 
     def discs(radius_px: float, mpp: float, n: int = 36) -> Sample:
         yy, xx = np.mgrid[:60 * 6, :60 * 6]
@@ -229,9 +230,14 @@ def test_lab_scale_matches_the_corrections_nucleus_size_to_the_models():
     assert lab_mpp([small], cfg) == pytest.approx(round(0.3 * d / 6.0, 4))
     assert lab_mpp([small], cfg) < 0.3
     assert lab_mpp([discs(12, 0.25)], cfg) == 0.3  # ~6 µm: the model's own size, its own scale
-    assert lab_mpp([discs(3, 0.25)], cfg) == pytest.approx(0.3 * SCALE_LIMITS[0])  # implausible: bounded
+    assert lab_mpp([discs(3, 0.25)], cfg) == pytest.approx(0.3 * ZOOM_LIMITS[0])  # implausible: bounded
     assert lab_mpp([discs(9, 0.25, n=5)], cfg) == 0.3  # too few nuclei to say
     assert lab_mpp([small], ModelConfig(mpp=0.3, nucleus_diameter_um=0.0)) == 0.3  # no reference size
+    # each correction trains as a lab model sees it: zoomed by its own nuclei, on the lab's side only
+    lab = lab_mpp([small], cfg)
+    assert zoomed(small, cfg, lab).mpp == pytest.approx(0.25 * 0.3 / lab)  # its nuclei at 6 µm's size
+    assert zoomed(discs(14, 0.25), cfg, lab).mpp == 0.25  # larger than the reference: as it is
+    assert zoomed(discs(4, 0.25), cfg, lab).mpp == pytest.approx(0.25 / ZOOM_LIMITS[0])  # at most 2×
 
     from conftest import tiny_config
     from napari_bach.model import build_model
@@ -248,7 +254,12 @@ def test_the_lab_scale_is_kept_only_when_the_held_out_corrections_score_better_a
     import src_train.finetune as ft
     from napari_bach.checkpoint import load_checkpoint
 
-    start, _ = load_checkpoint(tiny_checkpoint)
+    from napari_bach.checkpoint import save_checkpoint
+    from napari_bach.model import with_settings
+
+    start, info = load_checkpoint(tiny_checkpoint)
+    start = with_settings(start, nucleus_diameter_um=6.0)  # a reference size, which a lab's scale needs
+    tiny_checkpoint = save_checkpoint(tmp_path / "start.pt", start, info)
     lab = round(start.config.mpp * 0.8, 4)
     monkeypatch.setattr(ft, "lab_mpp", lambda samples, config: lab)
     real = ft.candidates
@@ -265,7 +276,7 @@ def test_the_lab_scale_is_kept_only_when_the_held_out_corrections_score_better_a
     expected = lab if lab_is_better else start.config.mpp
     assert table["mpp"] == [start.config.mpp, expected] and tuned.config.mpp == start.config.mpp
     assert tuned.config.lab_mpp == pytest.approx(lab if lab_is_better else 0.0)
-    zoom = f"zoomed up to {start.config.mpp / lab:.2f}×"
+    zoom = f"({start.config.mpp / lab:.2f}× on the median), are zoomed"
     assert (zoom in ft.format_table(table)) is lab_is_better
     assert (zoom in info.notes) is lab_is_better
     from napari_bach._qt.finetune_widget import table_text

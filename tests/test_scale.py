@@ -57,14 +57,14 @@ def test_no_estimate_without_a_reference_size_few_nuclei_or_a_known_mpp():
 
 @pytest.mark.parametrize("mpp, working", [
     (0.3, 9.0 / np.sqrt(4 * 400 / np.pi)),  # 6.8 µm nuclei: zoomed until they look 9 µm (0.40 µm/px)
-    (0.2, 0.2 * 0.3 / 0.2),  # 4.5 µm: smaller than even the lab's, zoomed as far as the lab's only
+    (0.15, 0.3),  # 3.4 µm: less than half the reference, zoomed 2× only (scale.ZOOM_LIMITS)
     (0.45, 0.45),  # 10 µm: larger than the model's, so not like the lab's: its own scale
 ])
-def test_a_lab_model_zooms_each_image_by_its_own_nuclei_between_its_scale_and_the_labs(mpp, working):
+def test_a_lab_model_zooms_each_image_with_small_nuclei_as_the_labs_until_they_look_the_reference(mpp, working):
     from napari_bach.pixelsize import PixelSize
     from napari_bach.scale import scale_note
 
-    # the lab's nuclei look like the model's 9 µm at 0.2 µm/px where the model works at 0.3
+    # a lab of small nuclei: they look like the model's 9 µm at 0.2 µm/px where it works at 0.3
     model = OracleModel(tiny_config(mpp=0.3, nucleus_diameter_um=9.0, lab_mpp=0.2))
     det = predict(_image(), model, mpp)
     assert det.scale_estimate == pytest.approx(working, rel=0.02)

@@ -125,12 +125,8 @@ def test_a_slide_of_unknown_mpp_is_segmented_at_one_scale_estimated_from_its_nuc
     assert not slide.pixel_size.known
     model = OracleModel(tiny_config(tile_size=128, tile_overlap=32, mpp=0.6, nucleus_diameter_um=9.0))
     messages = []
-    gen = iter_segment_slide(slide, model, tmp_path / "out", block_size=400)
-    try:
-        while True:
-            messages.append(next(gen).message)
-    except StopIteration as stop:
-        result = stop.value
+    result = drain(iter_segment_slide(slide, model, tmp_path / "out", block_size=400),
+                   lambda step: messages.append(step.message))
     assert result.scale_estimate == pytest.approx(9.0 / np.sqrt(4 * 400 / np.pi), rel=0.03)
     assert any("estimated from the size of its nuclei" in m for m in messages) and result.blocks > 1
     labels = zarr.open_array(str(result.labels), mode="r")[:]
@@ -149,12 +145,8 @@ def test_a_lab_models_slide_is_zoomed_once_by_its_nuclei_and_measured_in_its_own
     path = write_pyramid(tmp_path / "lab.tif", image_with_squares((600, 800), squares), mpp=0.3)
     model = OracleModel(tiny_config(tile_size=128, tile_overlap=32, mpp=0.3, nucleus_diameter_um=9.0, lab_mpp=0.2))
     messages = []
-    gen = iter_segment_slide(open_slide(path), model, tmp_path / "out", block_size=400)
-    try:
-        while True:
-            messages.append(next(gen).message)
-    except StopIteration as stop:
-        result = stop.value
+    result = drain(iter_segment_slide(open_slide(path), model, tmp_path / "out", block_size=400),
+                   lambda step: messages.append(step.message))
     assert result.scale_estimate == pytest.approx(9.0 / np.sqrt(4 * 400 / np.pi), rel=0.03)
     assert result.pixel_size.mpp == pytest.approx(0.3) and result.nuclei == len(squares) and result.blocks > 1
     assert any("segmented at 0.399 µm/px (its own 0.3)" in m for m in messages)

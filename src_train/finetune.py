@@ -182,8 +182,8 @@ def zoomed(sample: Sample, config, lab: float) -> Sample:
 
 
 def at_scale(model, mpp: float):
-    """``model`` as a lab's model whose images' nuclei look like the reference at ``mpp``
-    (``ModelConfig.lab_mpp``: each image zoomed by its own nuclei, up to the lab's)."""
+    """``model`` as the model of a lab whose nuclei look like the reference at ``mpp``
+    (``ModelConfig.lab_mpp``: an image with nuclei on the lab's side is zoomed by its own)."""
     from napari_bach.model import with_settings
 
     return model if mpp == model.config.mpp else with_settings(model, lab_mpp=mpp)

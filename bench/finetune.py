@@ -128,7 +128,7 @@ def main() -> None:
         kept = with_settings(tuned, default_score_threshold=start.config.default_score_threshold,
                              lab_mpp=start.config.lab_mpp)
         weights_only = {name: score(kept, samples) for name, samples in groups.items()}
-        # the starting weights at the lab's µm/px: what the scale alone did
+        # the starting weights as the lab's model: what the zoom alone did
         scale_only = {name: score(at_scale(start, table["mpp"][1]), samples) for name, samples in groups.items()}
     print(" ".join(["python", *sys.argv]))
     print(f"fine-tuning: {wall / 60:.1f} min wall, {table['steps']} steps, weights of step {table['chosen_step']}, "
@@ -141,7 +141,7 @@ def main() -> None:
         print(f"{name:<34}{len(groups[name]):>7}   " + "   ".join(
             f"{b[k]:.3f} {a[k]:.3f} {a[k] - b[k]:+.3f}" for k in ("f1", "aji", "pq")))
     for title, figures in (("the new weights at the starting threshold and µm/px (forgetting):", weights_only),
-                           (f"the starting weights at {table['mpp'][1]:g} µm/px (the scale alone):", scale_only)):
+                           ("the starting weights as the lab's model (the zoom alone):", scale_only)):
         print(title)
         for name in groups:
             b, a = before[name], figures[name]

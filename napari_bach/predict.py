@@ -272,10 +272,9 @@ def iter_predict(rgb: np.ndarray, model: BachMaskRCNN, pixel_size: PixelSize | f
     pixel_size = as_pixel_size(pixel_size)
     working = pixel_size  # the µm/px the tiles are cut at; an estimate never becomes the image's own
     estimate = None
-    if needs_estimate(pixel_size, cfg) and not isinstance(estimate_scale, bool):
-        estimate = float(estimate_scale)
-    elif estimate_scale and needs_estimate(pixel_size, cfg):
-        estimate = yield from iter_estimate_mpp(rgb, model, pixel_size)
+    if needs_estimate(pixel_size, cfg) and estimate_scale is not False:
+        estimate = (yield from iter_estimate_mpp(rgb, model, pixel_size)) if estimate_scale is True \
+            else float(estimate_scale)
     if estimate:
         working = PixelSize(estimate, ESTIMATED)
     if tta:

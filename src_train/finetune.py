@@ -169,15 +169,15 @@ def lab_mpp(samples: list[Sample], config) -> float:
     return config.mpp if abs(ratio - 1) < SCALE_TOLERANCE else round(config.mpp * ratio, 4)
 
 
-def zoomed(sample: Sample, config, lab: float) -> Sample:
-    """A correction as a lab model (:func:`at_scale`) sees it in use: zoomed until its own
-    median nucleus (its labels) has the reference size, when it is on the lab's side
-    (``scale.lab_bounds``). The trainer rescales an image by its µm/px over the model's, so
-    the µm/px it is given is the one its tiles are cut at in use."""
+def zoomed(sample: Sample, config) -> Sample:
+    """A correction as the lab model of ``config`` (:func:`at_scale`) sees it in use: zoomed
+    until its own median nucleus (its labels) has the reference size, when it is on the
+    lab's side (``scale.lab_bounds``). The trainer rescales an image by its µm/px over the
+    model's, so the µm/px it is given is the one its tiles are cut at in use."""
     from napari_bach.scale import lab_bounds
 
     working = sample.mpp * config.mpp / lab_mpp([sample], config)  # its nuclei at the reference size
-    low, high = lab_bounds(sample.mpp, replace(config, lab_mpp=lab))
+    low, high = lab_bounds(sample.mpp, config)
     return replace(sample, mpp=min(max(working, low), high))
 
 
@@ -280,7 +280,7 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
                        train_parts=recipe.parts, warmup_steps=min(20, steps_guess // 5), checkpoint_every=50,
                        val_every_steps=10**9, seed=seed, device=device, threads=threads, patience=10**9,
                        augment=copy.deepcopy(AUGMENTS[recipe.augment]))
-    lab_train = [zoomed(s, cfg, scale) for s in train] if scale != cfg.mpp else train  # as they are seen in use
+    lab_train = [zoomed(s, replace(cfg, lab_mpp=scale)) for s in train] if scale != cfg.mpp else train
     train_mix = mix_replay(lab_train, replay or [], recipe.replay_share, recipe.replay_even)
     sampling = replace(cfg, box_batch_size=recipe.box_batch, box_positive_fraction=recipe.box_positive_fraction,
                        rpn_batch_size=recipe.rpn_batch)  # training only: the saved model keeps cfg

@@ -235,9 +235,10 @@ def test_lab_scale_matches_the_corrections_nucleus_size_to_the_models():
     assert lab_mpp([small], ModelConfig(mpp=0.3, nucleus_diameter_um=0.0)) == 0.3  # no reference size
     # each correction trains as a lab model sees it: zoomed by its own nuclei, on the lab's side only
     lab = lab_mpp([small], cfg)
-    assert zoomed(small, cfg, lab).mpp == pytest.approx(0.25 * 0.3 / lab)  # its nuclei at 6 µm's size
-    assert zoomed(discs(14, 0.25), cfg, lab).mpp == 0.25  # larger than the reference: as it is
-    assert zoomed(discs(4, 0.25), cfg, lab).mpp == pytest.approx(0.25 / ZOOM_LIMITS[0])  # at most 2×
+    lab_cfg = ModelConfig(mpp=0.3, nucleus_diameter_um=6.0, lab_mpp=lab)
+    assert zoomed(small, lab_cfg).mpp == pytest.approx(0.25 * 0.3 / lab)  # its nuclei at 6 µm's size
+    assert zoomed(discs(14, 0.25), lab_cfg).mpp == 0.25  # larger than the reference: as it is
+    assert zoomed(discs(4, 0.25), lab_cfg).mpp == pytest.approx(0.25 / ZOOM_LIMITS[0])  # at most 2×
 
     from conftest import tiny_config
     from napari_bach.model import build_model

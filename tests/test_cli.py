@@ -102,12 +102,15 @@ def test_exit_code_and_count_when_inputs_fail(tmp_path, tiny_checkpoint, capsys)
     (["--device", "gpu"], "this machine has: cpu"),
     (["--device", "cuda"], "not available here"),
 ])
-def test_impossible_arguments_are_argparse_errors(tmp_path, extra, message):
+def test_impossible_arguments_are_argparse_errors(tmp_path, extra, message, capsys):
+    """In the process (the entry point itself is run by the next test): argparse exits 2."""
     if "cuda" in extra and "cuda" in __import__("napari_bach.predict", fromlist=["x"]).available_devices():
         pytest.skip("this machine has a GPU")
-    proc = subprocess.run([sys.executable, "-m", "napari_bach", "segment", str(tmp_path), "--out",
-                           str(tmp_path / "o"), *extra], capture_output=True, text=True)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", str(tmp_path), "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_out_that_is_a_file_and_view_of_a_missing_image_are_messages(tmp_path):

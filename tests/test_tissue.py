@@ -110,12 +110,19 @@ def test_windows_of_a_field_cover_a_large_image_half_a_field_apart():
     assert len(ys) == 5 and np.all(np.diff(ys) <= fh / 2 + 1)  # half-field steps
 
 
-def test_map_of_a_generated_slide_finds_its_regions(trained):
+@pytest.fixture(scope="module")
+def dense_field():
+    """Dense nuclei (Benign) over 2 × 2 fields at 2 µm/px: slow to generate, made once."""
+    fh, fw = field_pixels(2.0, TissueConfig.for_backbone("efficientnet_lite0"))  # 322 × 430 px
+    return class_image(1, 500, (2 * fh, 2 * fw), mpp=2.0)
+
+
+def test_map_of_a_generated_slide_finds_its_regions(trained, dense_field):
     """Left half dense nuclei (Benign), right half stroma (Invasive in the generated classes)."""
     out, _ = trained
     net, _ = load_tissue_model(out / "tissue.pt")
-    fh, fw = field_pixels(2.0, net.config)  # at 2 µm/px: 322 × 430 px
-    left = class_image(1, 500, (2 * fh, 2 * fw), mpp=2.0)
+    fh, fw = field_pixels(2.0, net.config)
+    left = dense_field
     right = class_image(3, 501, (2 * fh, 2 * fw), mpp=2.0)
     tmap = tissue_map(np.concatenate([left, right], axis=1), 2.0, net)
     assert len(tmap.windows) > 4
@@ -183,7 +190,7 @@ def test_saved_model_gives_the_same_probabilities(tmp_path):
     assert np.allclose(before, after, atol=2e-3)  # the trunk is stored in fp16
 
 
-def test_slide_tissue_map_matches_the_in_memory_map_and_skips_glass(tmp_path, trained):
+def test_slide_tissue_map_matches_the_in_memory_map_and_skips_glass(tmp_path, trained, dense_field):
     """A slide is mapped chunk by chunk from its pyramid: the same windows and (up to JPEG-free
     reading) the same probabilities as the whole image in memory; glass-only windows stay flat."""
     import tifffile
@@ -195,8 +202,7 @@ def test_slide_tissue_map_matches_the_in_memory_map_and_skips_glass(tmp_path, tr
     out, _ = trained
     net, _ = load_tissue_model(out / "tissue.pt")
     fh, fw = field_pixels(2.0, net.config)
-    rgb = np.concatenate([class_image(1, 600, (2 * fh, 2 * fw), mpp=2.0),
-                          np.full((2 * fh, 2 * fw, 3), 245, np.uint8)], axis=1)
+    rgb = np.concatenate([dense_field, np.full((2 * fh, 2 * fw, 3), 245, np.uint8)], axis=1)
     path = tmp_path / "slide.tif"
     opts = dict(tile=(256, 256), photometric="rgb", compression="zlib", resolutionunit="CENTIMETER")
     with tifffile.TiffWriter(path) as tif:

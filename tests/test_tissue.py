@@ -122,9 +122,8 @@ def test_map_of_a_generated_slide_finds_its_regions(trained, dense_field):
     out, _ = trained
     net, _ = load_tissue_model(out / "tissue.pt")
     fh, fw = field_pixels(2.0, net.config)
-    left = dense_field
     right = class_image(3, 501, (2 * fh, 2 * fw), mpp=2.0)
-    tmap = tissue_map(np.concatenate([left, right], axis=1), 2.0, net)
+    tmap = tissue_map(np.concatenate([dense_field, right], axis=1), 2.0, net)
     assert len(tmap.windows) > 4
     centre_x = (tmap.windows[:, 1] + tmap.windows[:, 3]) / 2
     labels = np.array(tmap.labels)

@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=Recipe.ema)
     parser.add_argument("--patience", type=int, default=Recipe.patience)
     parser.add_argument("--choose-threshold", action="store_true")
+    parser.add_argument("--keep-mask-threshold", action="store_true", help="keep the model's mask threshold")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--track", action="store_true",
                         help="also score the same-source held-out images at every check (slower; diagnostics)")
@@ -93,7 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, patience=args.patience,
-                    choose_threshold=args.choose_threshold, check_every=args.check_every,
+                    choose_threshold=args.choose_threshold, choose_mask_threshold=not args.keep_mask_threshold,
+                    check_every=args.check_every,
                     replay_share=args.replay_share, box_batch=args.box_batch,
                     box_positive_fraction=args.box_positive, rpn_batch=args.rpn_batch,
                     augment=args.augment, replay_even=not args.replay_by_weight, lab_scale=not args.no_lab_scale)
@@ -126,13 +128,14 @@ def main() -> None:
         # the new weights at the starting model's threshold and µm/px: what the weights did
         # (forgetting included), apart from the lab's settings
         kept = with_settings(tuned, default_score_threshold=start.config.default_score_threshold,
-                             lab_mpp=start.config.lab_mpp)
+                             mask_threshold=start.config.mask_threshold, lab_mpp=start.config.lab_mpp)
         weights_only = {name: score(kept, samples) for name, samples in groups.items()}
         # the starting weights as the lab's model: what the zoom alone did
         scale_only = {name: score(at_scale(start, table["mpp"][1]), samples) for name, samples in groups.items()}
     print(" ".join(["python", *sys.argv]))
     print(f"fine-tuning: {wall / 60:.1f} min wall, {table['steps']} steps, weights of step {table['chosen_step']}, "
           f"score threshold {table['score_threshold'][0]:g} -> {table['score_threshold'][1]:g}, "
+          f"mask threshold {table['mask_threshold'][0]:g} -> {table['mask_threshold'][1]:g}, "
           f"µm/px {table['mpp'][0]:g} -> {table['mpp'][1]:g}")
     print("in the dataset's own held-out corrections:\n" + format_table(table))
     print(f"\n{'group':<34}{'images':>7}   F1 before/after      AJI before/after     PQ before/after")
@@ -140,7 +143,7 @@ def main() -> None:
         b, a = before[name], after[name]
         print(f"{name:<34}{len(groups[name]):>7}   " + "   ".join(
             f"{b[k]:.3f} {a[k]:.3f} {a[k] - b[k]:+.3f}" for k in ("f1", "aji", "pq")))
-    for title, figures in (("the new weights at the starting threshold and µm/px (forgetting):", weights_only),
+    for title, figures in (("the new weights at the starting thresholds and µm/px (forgetting):", weights_only),
                            ("the starting weights as the lab's model (the zoom alone):", scale_only)):
         print(title)
         for name in groups:

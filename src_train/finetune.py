@@ -3,8 +3,9 @@ helped: the same loop in napari (*Fine-tune on corrections*) and on the command 
 
 At least one whole exported image is held out. It decides everything a few images can
 mislead: when to stop (early stopping on it), which weights to keep (the best checked,
-the starting ones included) and the score threshold (re-chosen on it: corrections drawn in
-another style than the training labels move it). The starting and the fine-tuned model are
+the starting ones included) and the mask threshold (re-chosen on it for the kept weights:
+fine-tuned masks are surer, and corrections drawn in another style than the training labels
+move where their edge lies). The starting and the fine-tuned model are
 both scored on it (F1@0.5, AJI, PQ), so "did it help?" is measured, and a run that did not
 help says so. Training is the usual :class:`Trainer` warm-started from the model, with a
 :class:`Recipe` measured on ``bench/finetune.py`` (light augmentation: one lab's stain) and
@@ -94,6 +95,11 @@ class Recipe:
     # few held-out images choose it by their noise (2 CoNSeP patches chose 0.45 for 0.3 and
     # halved the gain on the other patches of that image)
     choose_threshold: bool = False
+    # re-choose the mask threshold for the kept weights on the held-out corrections (by
+    # F1 + AJI + PQ, MASK_THRESHOLDS): fine-tuned masks are surer, so the shipped 0.6 cuts
+    # them tight (CoNSeP, seed-2 run: held-out F1 0.674 at 0.6, 0.695 at 0.5, which the 2
+    # held-out corrections also chose; other sources' F1 unchanged)
+    choose_mask_threshold: bool = True
     check_every: int = 25  # steps between checks on the held-out corrections
     patience: int = 10  # checks without a better PQ before stopping (0: run the whole budget)
     min_gain: float = 0.005  # PQ gain on the held-out corrections that counts as better
@@ -199,6 +205,18 @@ def zoom_phrase(start: float, lab: float) -> str:
 
 
 THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(14))  # 0.2–0.85, re-chosen on the held-out corrections
+MASK_THRESHOLDS = tuple(round(0.4 + 0.05 * i, 2) for i in range(7))  # 0.4–0.7, one pass each
+
+
+def choose_mask_threshold(model, held: list[Sample], thresholds=MASK_THRESHOLDS) -> tuple[float, dict[float, dict]]:
+    """The mask threshold with the highest F1 + AJI + PQ on the held-out corrections (the
+    model's own on a tie), and the metrics at each: one network pass per candidate."""
+    from napari_bach.model import with_settings
+
+    own = model.config.mask_threshold
+    scores = {m: score(with_settings(model, mask_threshold=m), held) for m in sorted({*thresholds, own})}
+    best = max(scores, key=lambda m: (round(sum(scores[m][k] for k in ("f1", "aji", "pq")), 6), m == own))
+    return best, scores
 
 
 def candidates(model, held: list[Sample], thresholds) -> dict[float, dict]:
@@ -261,6 +279,8 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
     emit({"event": "phase", "message": f"scoring the starting model on {len(held)} held-out image(s)"})
     t0 = time.perf_counter()
     start_scores = candidates(start_model, held, thresholds)
+    # the final mask-threshold choice is one pass per candidate: its time is kept aside
+    reserve_s = (time.perf_counter() - t0) * len(MASK_THRESHOLDS) if recipe.choose_mask_threshold else 0.0
     before = start_scores[cfg.default_score_threshold]
     scale = lab_mpp(train, cfg) if recipe.lab_scale else cfg.mpp
     if scale != cfg.mpp:  # kept only when the held-out corrections say so
@@ -287,7 +307,7 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
     trainer = Trainer(sampling, tcfg, train_mix, {}, data_note=f"fine-tuned on {Path(dataset).name}",
                       license=start_info.license)
     trainer.init_from(model_path)
-    trainer.seconds = check_s  # the budget is the user's clock: checks count
+    trainer.seconds = check_s + reserve_s  # the budget is the user's clock: checks count
     emit({"event": "phase", "message": f"training on {len(train)} image(s) for {minutes:g} min"})
     stale = [0]
 
@@ -320,14 +340,20 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
     if best["state"] is not None:
         tuned.load_state_dict(best["state"])
     tuned = at_scale(with_settings(tuned, default_score_threshold=best["threshold"]), scale)
-    after = best["metrics"]
+    after, mask_t = best["metrics"], cfg.mask_threshold
+    if recipe.choose_mask_threshold:
+        emit({"event": "phase", "message": "choosing the mask threshold on the held-out corrections"})
+        t0 = time.perf_counter()
+        mask_t, by_mask = choose_mask_threshold(tuned, held)
+        tuned, after = with_settings(tuned, mask_threshold=mask_t), by_mask[mask_t]
+        trainer.seconds += time.perf_counter() - t0 - reserve_s
     improved = better(before, after, recipe.min_gain)
     table = {"dataset": str(Path(dataset).resolve()), "start_model": str(Path(model_path).resolve()),
              "train_images": [s.name for s in train], "held_out_images": [s.name for s in held],
              "replay_images": len(replay or []),
              "steps": trainer.step, "minutes": round(trainer.seconds / 60, 2), "stopped_early": result["stopped_early"],
              "chosen_step": best["step"], "score_threshold": [cfg.default_score_threshold, best["threshold"]],
-             "mpp": [cfg.mpp, scale],
+             "mask_threshold": [cfg.mask_threshold, mask_t], "mpp": [cfg.mpp, scale],
              "better": improved, "recipe": asdict(recipe),
              "before": {k: before[k] for k in METRICS}, "after": {k: after[k] for k in METRICS}}
     info = replace(start_info, name=f"{start_info.name} fine-tuned on {Path(dataset).name}",
@@ -336,7 +362,7 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
                    data=f"{start_info.data}; fine-tuned on {len(train)} corrected image(s) of {Path(dataset).name}",
                    notes=f"{start_info.notes}; fine-tuned from {Path(model_path).name}: weights of step "
                          f"{best['step']} of {trainer.step} ({trainer.seconds / 60:.1f} min, lr {recipe.lr:g}, "
-                         f"{recipe.parts}), score threshold {best['threshold']:g}"
+                         f"{recipe.parts}), score threshold {best['threshold']:g}, mask threshold {mask_t:g}"
                          + (f"; {zoom_phrase(cfg.mpp, scale)}" if scale != cfg.mpp else "")
                          + ("" if improved else "; NOT better than the starting model on the held-out corrections"),
                    metrics={"finetune": table}, created=datetime.now().astimezone().isoformat(timespec="seconds"))
@@ -358,11 +384,11 @@ def verdict(table: dict) -> str:
 def format_table(table: dict) -> str:
     """The before/after table as the CLI prints it, with the held-out images named."""
     keys = ("f1", "aji", "pq", "dice")
-    t0, t1 = table["score_threshold"]
+    (t0, t1), (m0, m1) = table["score_threshold"], table["mask_threshold"]
     zoom = zoom_phrase(*table.get("mpp", (0, 0)))
-    rows = [f"{'':<10}{'F1@0.5':>8}{'AJI':>8}{'PQ':>8}{'Dice':>8}   score threshold",
-            f"{'before':<10}" + "".join(f"{table['before'][k]:>8.3f}" for k in keys) + f"   {t0:g}",
-            f"{'after':<10}" + "".join(f"{table['after'][k]:>8.3f}" for k in keys) + f"   {t1:g}",
+    rows = [f"{'':<10}{'F1@0.5':>8}{'AJI':>8}{'PQ':>8}{'Dice':>8}   score / mask threshold",
+            f"{'before':<10}" + "".join(f"{table['before'][k]:>8.3f}" for k in keys) + f"   {t0:g} / {m0:g}",
+            f"{'after':<10}" + "".join(f"{table['after'][k]:>8.3f}" for k in keys) + f"   {t1:g} / {m1:g}",
             f"{'change':<10}" + "".join(f"{table['after'][k] - table['before'][k]:>+8.3f}" for k in keys)]
     return "\n".join(rows) + (f"\non {len(table['held_out_images'])} held-out image(s) "
                               f"({', '.join(table['held_out_images'])}); weights of step {table['chosen_step']} "

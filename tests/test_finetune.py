@@ -283,3 +283,43 @@ def test_the_lab_scale_is_kept_only_when_the_held_out_corrections_score_better_a
     from napari_bach._qt.finetune_widget import table_text
 
     assert (zoom in table_text(table)) is lab_is_better  # the dock says so too
+
+
+@pytest.mark.parametrize("choose", [True, False])
+def test_the_mask_threshold_is_re_chosen_for_the_kept_weights_on_the_held_out_corrections(
+        tmp_path, corrections, tiny_checkpoint, monkeypatch, choose):
+    import src_train.finetune as ft
+    from napari_bach.checkpoint import load_checkpoint
+    from napari_bach._qt.finetune_widget import table_text
+
+    start, _ = load_checkpoint(tiny_checkpoint)
+    own = start.config.mask_threshold
+    real = ft.score
+    seen = []
+
+    def score(model, held):  # the held-out corrections prefer looser masks than the model's own
+        seen.append(model.config.mask_threshold)
+        m = real(model, held)
+        return {**m, "f1": m["f1"] + 0.2, "aji": m["aji"] + 0.2, "pq": m["pq"] + 0.2} \
+            if model.config.mask_threshold == 0.45 else m
+
+    monkeypatch.setattr(ft, "score", score)
+    recipe = ft.Recipe(patience=0, lab_scale=False, choose_mask_threshold=choose)
+    table = ft.finetune(corrections, tiny_checkpoint, 0.02, tmp_path / "out", threads=2, recipe=recipe)
+    tuned, info = load_checkpoint(table["model"])
+    chosen = 0.45 if choose else own
+    assert table["mask_threshold"] == [own, chosen] and tuned.config.mask_threshold == chosen
+    assert sorted(seen) == (sorted({*ft.MASK_THRESHOLDS, own}) if choose else [])  # one pass each, or none
+    if choose:  # the table is the chosen threshold's, and says which it is
+        assert table["after"]["f1"] >= 0.2 and f"mask threshold {chosen:g}" in info.notes
+    assert f"/ {chosen:g}" in ft.format_table(table) and f"/ {chosen:g}" in table_text(table)
+
+
+def test_a_tie_keeps_the_models_own_mask_threshold(monkeypatch):
+    import src_train.finetune as ft
+    from conftest import tiny_config
+    from napari_bach.model import build_model
+
+    monkeypatch.setattr(ft, "score", lambda model, held: {"f1": 0.5, "aji": 0.4, "pq": 0.3})
+    chosen, scores = ft.choose_mask_threshold(build_model(tiny_config(mask_threshold=0.55)), [])
+    assert chosen == 0.55 and set(scores) == set(ft.MASK_THRESHOLDS)

@@ -186,14 +186,14 @@ def table_text(result: dict) -> str:
     """Before/after on the held-out corrections as an HTML table (aligned in any font)."""
     keys = (("F1@0.5", "f1"), ("AJI", "aji"), ("PQ", "pq"))
     cell = '<td align="right">&nbsp;{}&nbsp;</td>'
-    t0, t1 = result["score_threshold"]
+    (t0, t1), (m0, m1) = result["score_threshold"], result["mask_threshold"]
 
     def line(name: str, values, threshold: str = "") -> str:
         return f"<tr><td>{name}</td>" + "".join(cell.format(v) for v in values) + cell.format(threshold) + "</tr>"
 
-    rows = [line("", [name for name, _ in keys], "score"),
-            line("before", [f"{result['before'][k]:.3f}" for _, k in keys], f"{t0:g}"),
-            line("after", [f"{result['after'][k]:.3f}" for _, k in keys], f"{t1:g}"),
+    rows = [line("", [name for name, _ in keys], "score / mask"),
+            line("before", [f"{result['before'][k]:.3f}" for _, k in keys], f"{t0:g} / {m0:g}"),
+            line("after", [f"{result['after'][k]:.3f}" for _, k in keys], f"{t1:g} / {m1:g}"),
             line("change", [f"{result['after'][k] - result['before'][k]:+.3f}" for _, k in keys])]
     verdict = "better" if result["better"] else "<b>not better</b>"
     images = ", ".join(result["held_out_images"])

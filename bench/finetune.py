@@ -120,8 +120,14 @@ def main() -> None:
                 print(f"step {step}: held out F1 {m['f1']:.3f} AJI {m['aji']:.3f} PQ {m['pq']:.3f} | "
                       f"corrections F1 {c['f1']:.3f} AJI {c['aji']:.3f}", flush=True)
 
+        checks = []  # the held-out corrections' own scores at every check (what chooses)
+
+        def on_event(event: dict) -> None:
+            if event["event"] == "check":
+                checks.append({k: event[k] for k in ("step", "f1", "aji", "pq")})
+
         table = finetune(dataset, args.model, args.minutes, out, replay=None if args.no_replay else split.train,
-                         recipe=recipe, seed=args.seed, threads=args.threads, on_check=on_check)
+                         recipe=recipe, seed=args.seed, threads=args.threads, on_check=on_check, on_event=on_event)
         wall = time.perf_counter() - t0
         tuned, _ = load_checkpoint(table["model"])
         after = {name: score(tuned, samples) for name, samples in groups.items()}
@@ -151,7 +157,7 @@ def main() -> None:
             print(f"{name:<34}{len(groups[name]):>7}   " + "   ".join(
                 f"{b[k]:.3f} {a[k]:.3f} {a[k] - b[k]:+.3f}" for k in ("f1", "aji", "pq")))
     result = {"command": " ".join(["python", *sys.argv]), "wall_min": round(wall / 60, 2), "finetune": table,
-              "track": track,
+              "track": track, "checks": checks,
               "groups": {name: {"images": [s.name for s in groups[name]], "before": before[name], "after": after[name],
                                 "after_at_start_settings": weights_only[name],
                                 "start_at_lab_mpp": scale_only[name]} for name in groups}}

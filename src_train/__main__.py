@@ -348,7 +348,7 @@ def cmd_finetune(args) -> int:
             print(json.dumps(event), flush=True)
     try:
         recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, choose_threshold=args.choose_threshold,
-                        patience=args.patience, augment=args.augment, lab_scale=not args.no_lab_scale)
+                        choose_mask_threshold=not args.keep_mask_threshold, patience=args.patience, augment=args.augment, lab_scale=not args.no_lab_scale)
         table = finetune(args.dataset, args.model, args.minutes, args.out, args.device, replay, recipe, args.seed,
                          args.threads, on_event)
     except (FinetuneError, CheckpointError, FileNotFoundError) as exc:
@@ -564,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="checks on the held-out corrections without a better PQ before stopping (0: never)")
     f.add_argument("--choose-threshold", action="store_true",
                    help="re-choose the score threshold on the held-out corrections (reliable with many held-out nuclei)")
+    f.add_argument("--keep-mask-threshold", action="store_true",
+                   help="keep the model's mask threshold (by default it is re-chosen for the kept weights on the "
+                        "held-out corrections, 0.4-0.7)")
     f.add_argument("--no-lab-scale", action="store_true",
                    help="keep the model's µm/px even when the corrections' nuclei are smaller or larger than "
                         "its reference size (by default the new model then segments at the scale where they match, "

@@ -331,7 +331,8 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
         if on_check is not None:
             on_check(checked, trainer.step)
             trainer.shipped_model().train()
-        emit({"event": "check", "step": trainer.step, "pq": scores[t]["pq"], "best_pq": best["metrics"]["pq"],
+        emit({"event": "check", "step": trainer.step, **{k: scores[t][k] for k in ("f1", "aji", "pq")},
+              "best_pq": best["metrics"]["pq"],
               "best_step": best["step"]})
         return bool(recipe.patience) and stale[0] >= recipe.patience
 

@@ -42,7 +42,8 @@ def test_finetune_command_prints_before_after_and_writes_only_a_new_model(tmp_pa
     Image.fromarray(rgb).save(original / "images" / "o.png")
     tifffile.imwrite(original / "labels" / "o.tif", labels.astype("int32"))
     assert main(["finetune", str(corrections), "--model", str(tiny_checkpoint), "--minutes", "0.05",
-                 "--out", str(out), "--threads", "2", "--replay", f"orig:{original}:0.4", "--no-lab-scale"]) == 0
+                 "--out", str(out), "--threads", "2", "--replay", f"orig:{original}:0.4", "--no-lab-scale",
+                 "--keep-mask-threshold"]) == 0
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed and "held-out image(s) (tile2)" in printed
     (model,) = out.glob("napari-bach-finetuned-*-my-corrections.pt")
@@ -50,6 +51,7 @@ def test_finetune_command_prints_before_after_and_writes_only_a_new_model(tmp_pa
     assert table["held_out_images"] == ["tile2"] and table["train_images"] == ["tile0", "tile1"]
     assert table["replay_images"] == 1
     assert table["mpp"][0] == table["mpp"][1] and table["recipe"]["lab_scale"] is False
+    assert table["mask_threshold"][0] == table["mask_threshold"][1] and not table["recipe"]["choose_mask_threshold"]
     assert table["steps"] > 0 and set(table["before"]) == set(table["after"]) >= {"f1", "aji", "pq"}
     from napari_bach.checkpoint import load_checkpoint
 

@@ -348,7 +348,8 @@ def cmd_finetune(args) -> int:
             print(json.dumps(event), flush=True)
     try:
         recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, choose_threshold=args.choose_threshold,
-                        choose_mask_threshold=not args.keep_mask_threshold, patience=args.patience, augment=args.augment, lab_scale=not args.no_lab_scale)
+                        choose_mask_threshold=not args.keep_mask_threshold, patience=args.patience,
+                        augment=args.augment, lab_scale=not args.no_lab_scale)
         table = finetune(args.dataset, args.model, args.minutes, args.out, args.device, replay, recipe, args.seed,
                          args.threads, on_event)
     except (FinetuneError, CheckpointError, FileNotFoundError) as exc:
@@ -561,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"default {recipe.augment}: light colour jitter for one lab's stain; shipped: the main "
                         "training's wide colour range, for corrections from several labs or scanners")
     f.add_argument("--patience", type=int, default=recipe.patience,
-                   help="checks on the held-out corrections without a better PQ before stopping (0: never)")
+                   help="checks on the held-out corrections without a better PQ before stopping (default %(default)s: never, the whole budget)")
     f.add_argument("--choose-threshold", action="store_true",
                    help="re-choose the score threshold on the held-out corrections (reliable with many held-out nuclei)")
     f.add_argument("--keep-mask-threshold", action="store_true",

@@ -101,7 +101,11 @@ class Recipe:
     # held-out corrections also chose; other sources' F1 unchanged)
     choose_mask_threshold: bool = True
     check_every: int = 25  # steps between checks on the held-out corrections
-    patience: int = 10  # checks without a better PQ before stopping (0: run the whole budget)
+    # checks without a better PQ before stopping; 0: the whole budget (the best check kept).
+    # Stopping after 10 (250 steps) cut CoNSeP runs whose held-out corrections still rose
+    # (best checks at 275-675 of ~720 steps): 15-min held-out F1 +0.022..+0.063 over 3 seeds
+    # (mean +0.048) against +0.030..+0.055 (mean +0.038 over 4 runs) with 10
+    patience: int = 0
     min_gain: float = 0.005  # PQ gain on the held-out corrections that counts as better
     # RoIs and anchors sampled per image and step, and the positive share of the RoIs: a
     # corrected image holds hundreds of nuclei, and the training defaults (128 RoIs and 128

@@ -562,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"default {recipe.augment}: light colour jitter for one lab's stain; shipped: the main "
                         "training's wide colour range, for corrections from several labs or scanners")
     f.add_argument("--patience", type=int, default=recipe.patience,
-                   help="checks on the held-out corrections without a better PQ before stopping (default %(default)s: never, the whole budget)")
+                   help="checks on the held-out corrections without a better PQ before stopping "
+                        "(default %(default)s: never, the whole budget)")
     f.add_argument("--choose-threshold", action="store_true",
                    help="re-choose the score threshold on the held-out corrections (reliable with many held-out nuclei)")
     f.add_argument("--keep-mask-threshold", action="store_true",

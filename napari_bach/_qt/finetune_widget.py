@@ -183,18 +183,20 @@ class FinetuneWidget(Container):
 
 
 def table_text(result: dict) -> str:
-    """Before/after on the held-out corrections as an HTML table (aligned in any font)."""
+    """Before/after on the held-out corrections as an HTML table (aligned in any font); the
+    thresholds on a line under it, which a narrow dock keeps whole."""
     keys = (("F1@0.5", "f1"), ("AJI", "aji"), ("PQ", "pq"))
     cell = '<td align="right">&nbsp;{}&nbsp;</td>'
     (t0, t1), (m0, m1) = result["score_threshold"], result["mask_threshold"]
 
-    def line(name: str, values, threshold: str = "") -> str:
-        return f"<tr><td>{name}</td>" + "".join(cell.format(v) for v in values) + cell.format(threshold) + "</tr>"
+    def line(name: str, values) -> str:
+        return f"<tr><td>{name}</td>" + "".join(cell.format(v) for v in values) + "</tr>"
 
-    rows = [line("", [name for name, _ in keys], "score / mask"),
-            line("before", [f"{result['before'][k]:.3f}" for _, k in keys], f"{t0:g} / {m0:g}"),
-            line("after", [f"{result['after'][k]:.3f}" for _, k in keys], f"{t1:g} / {m1:g}"),
+    rows = [line("", [name for name, _ in keys]),
+            line("before", [f"{result['before'][k]:.3f}" for _, k in keys]),
+            line("after", [f"{result['after'][k]:.3f}" for _, k in keys]),
             line("change", [f"{result['after'][k] - result['before'][k]:+.3f}" for _, k in keys])]
+    thresholds = f"score / mask threshold {t0:g} / {m0:g} → {t1:g} / {m1:g}<br>"
     verdict = "better" if result["better"] else "<b>not better</b>"
     images = ", ".join(result["held_out_images"])
     from src_train.finetune import zoom_phrase
@@ -202,5 +204,5 @@ def table_text(result: dict) -> str:
     zoom = zoom_phrase(*result.get("mpp", (0, 0)))  # finetune.lab_mpp: the corrections' nucleus size
     scale = f"; {zoom}" if zoom else ""
     return (f"{len(result['held_out_images'])} held-out image(s): {images}<table cellspacing='0'>{''.join(rows)}"
-            f"</table>{verdict}: weights of step {result['chosen_step']} of {result['steps']} "
+            f"</table>{thresholds}{verdict}: weights of step {result['chosen_step']} of {result['steps']} "
             f"({result['minutes']:g} min){scale}")

@@ -342,10 +342,7 @@ def cmd_finetune(args) -> int:
 
     lists = [] if args.no_replay else (args.replay or [str(p) for p in [default_replay()] if p])
     replay = [s for v in lists for s in parse_data_arg(v)]  # loaded once the input is known to be usable
-    on_event = None
-    if args.progress_json:
-        def on_event(event: dict) -> None:
-            print(json.dumps(event), flush=True)
+    on_event = (lambda event: print(json.dumps(event), flush=True)) if args.progress_json else None
     try:
         recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, choose_threshold=args.choose_threshold,
                         choose_mask_threshold=not args.keep_mask_threshold, patience=args.patience,

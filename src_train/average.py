@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from napari_bach.checkpoint import CheckpointError, ModelInfo, load_checkpoint
 from napari_bach.config import INFERENCE_SETTINGS
 from napari_bach.model import BachMaskRCNN

@@ -62,7 +62,7 @@ def main() -> None:
     from napari_bach.export import export_sample
     from napari_bach.model import with_settings
     from src_train.augment import AUGMENTS
-    from src_train.finetune import Recipe, at_scale, finetune, format_table, score
+    from src_train.finetune import KEEPS, Recipe, at_scale, finetune, format_table, score
     from src_train.sources import load_sources, read_data_list
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--parts", default=Recipe.parts)
     parser.add_argument("--ema", type=float, default=Recipe.ema)
     parser.add_argument("--patience", type=int, default=Recipe.patience)
+    parser.add_argument("--keep", choices=KEEPS, default=Recipe.keep)
     parser.add_argument("--choose-threshold", action="store_true")
     parser.add_argument("--keep-mask-threshold", action="store_true", help="keep the model's mask threshold")
     parser.add_argument("--seed", type=int, default=0)
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="keep the fine-tuned model here (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, patience=args.patience,
+    recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, patience=args.patience, keep=args.keep,
                     choose_threshold=args.choose_threshold, choose_mask_threshold=not args.keep_mask_threshold,
                     check_every=args.check_every,
                     replay_share=args.replay_share, box_batch=args.box_batch,
@@ -112,7 +113,10 @@ def main() -> None:
         t0 = time.perf_counter()
         track = []  # the same-source held-out images at every check: how the run went (chooses nothing)
 
+        weights = {}  # the last check's and the best check's (by the held-out corrections' PQ) weights
+
         def on_check(model, step: int) -> None:
+            weights["last"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if args.track:
                 m, c = score(model, held), score(model, corrections)
                 track.append({"step": step, **{k: m[k] for k in ("f1", "aji", "pq")},
@@ -125,6 +129,8 @@ def main() -> None:
         def on_event(event: dict) -> None:
             if event["event"] == "check":
                 checks.append({k: event[k] for k in ("step", "f1", "aji", "pq")})
+                if event["best_step"] == event["step"]:
+                    weights["best"], weights["best_step"] = weights["last"], event["step"]
 
         table = finetune(dataset, args.model, args.minutes, out, replay=None if args.no_replay else split.train,
                          recipe=recipe, seed=args.seed, threads=args.threads, on_check=on_check, on_event=on_event)
@@ -138,6 +144,10 @@ def main() -> None:
         weights_only = {name: score(kept, samples) for name, samples in groups.items()}
         # the starting weights as the lab's model: what the zoom alone did
         scale_only = {name: score(at_scale(start, table["mpp"][1]), samples) for name, samples in groups.items()}
+        # the other Recipe.keep: the best check's weights for "last", the last's for "best"
+        other = "best" if args.keep == "last" else "last"
+        tuned.load_state_dict(weights.get(other, start.state_dict()))
+        other_keep = {name: score(tuned, samples) for name, samples in groups.items()}
     print(" ".join(["python", *sys.argv]))
     print(f"fine-tuning: {wall / 60:.1f} min wall, {table['steps']} steps, weights of step {table['chosen_step']}, "
           f"score threshold {table['score_threshold'][0]:g} -> {table['score_threshold'][1]:g}, "
@@ -149,8 +159,10 @@ def main() -> None:
         b, a = before[name], after[name]
         print(f"{name:<34}{len(groups[name]):>7}   " + "   ".join(
             f"{b[k]:.3f} {a[k]:.3f} {a[k] - b[k]:+.3f}" for k in ("f1", "aji", "pq")))
+    other_step = checks[-1]["step"] if other == "last" else weights.get("best_step", 0)
     for title, figures in (("the new weights at the starting thresholds and µm/px (forgetting):", weights_only),
-                           ("the starting weights as the lab's model (the zoom alone):", scale_only)):
+                           ("the starting weights as the lab's model (the zoom alone):", scale_only),
+                           (f"--keep {other} instead (step {other_step}):", other_keep)):
         print(title)
         for name in groups:
             b, a = before[name], figures[name]
@@ -160,7 +172,8 @@ def main() -> None:
               "track": track, "checks": checks,
               "groups": {name: {"images": [s.name for s in groups[name]], "before": before[name], "after": after[name],
                                 "after_at_start_settings": weights_only[name],
-                                "start_at_lab_mpp": scale_only[name]} for name in groups}}
+                                "start_at_lab_mpp": scale_only[name], f"keep_{other}": other_keep[name]}
+                         for name in groups}}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

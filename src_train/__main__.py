@@ -345,7 +345,7 @@ def cmd_finetune(args) -> int:
     on_event = (lambda event: print(json.dumps(event), flush=True)) if args.progress_json else None
     try:
         recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, choose_threshold=args.choose_threshold,
-                        choose_mask_threshold=not args.keep_mask_threshold, patience=args.patience,
+                        choose_mask_threshold=not args.keep_mask_threshold, patience=args.patience, keep=args.keep,
                         augment=args.augment, lab_scale=not args.no_lab_scale)
         table = finetune(args.dataset, args.model, args.minutes, args.out, args.device, replay, recipe, args.seed,
                          args.threads, on_event)
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--minutes", type=float, required=True, help="training time budget, above 0")
     f.add_argument("--out", required=True, help="folder for the new model, its run and finetune JSON")
     f.add_argument("--device", default="cpu")
-    from .finetune import Recipe
+    from .finetune import KEEPS, Recipe
     from .train import PARTS
 
     recipe = Recipe()
@@ -561,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--patience", type=int, default=recipe.patience,
                    help="checks on the held-out corrections without a better PQ before stopping "
                         "(default %(default)s: never, the whole budget)")
+    f.add_argument("--keep", choices=KEEPS, default=recipe.keep,
+                   help="the weights kept when better than the starting ones on the held-out corrections: the "
+                        "best check's (default) or the run's final")
     f.add_argument("--choose-threshold", action="store_true",
                    help="re-choose the score threshold on the held-out corrections (reliable with many held-out nuclei)")
     f.add_argument("--keep-mask-threshold", action="store_true",

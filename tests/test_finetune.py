@@ -325,3 +325,54 @@ def test_a_tie_keeps_the_models_own_mask_threshold(monkeypatch):
     monkeypatch.setattr(ft, "score", lambda model, held: {"f1": 0.5, "aji": 0.4, "pq": 0.3})
     chosen, scores = ft.choose_mask_threshold(build_model(tiny_config(mask_threshold=0.55)), [])
     assert chosen == 0.55 and set(scores) == set(ft.MASK_THRESHOLDS)
+
+
+@pytest.mark.parametrize("keep", ["last", "best"])
+def test_the_final_weights_are_kept_when_better_than_the_start_or_the_best_check_when_asked(
+        tmp_path, corrections, tiny_checkpoint, monkeypatch, keep):
+    import src_train.finetune as ft
+    from napari_bach.checkpoint import load_checkpoint
+
+    calls = []
+
+    def candidates(model, held, thresholds):  # the start 0.5, the first check 0.9, later checks 0.6
+        calls.append(len(calls))
+        pq = 0.5 if len(calls) == 1 else 0.9 if len(calls) == 2 else 0.6
+        return {t: {"f1": pq, "aji": pq, "pq": pq, "dice": pq, "precision": pq, "recall": pq} for t in thresholds}
+
+    monkeypatch.setattr(ft, "candidates", candidates)
+    recipe = ft.Recipe(keep=keep, check_every=1, lab_scale=False, choose_mask_threshold=False)
+    table = ft.finetune(corrections, tiny_checkpoint, 0.1, tmp_path / "out", threads=2, recipe=recipe)
+    assert table["steps"] >= 2 and len(calls) == table["steps"] + 1  # the start, then every step
+    expected = (table["steps"], 0.6) if keep == "last" else (1, 0.9)
+    assert (table["chosen_step"], table["after"]["pq"]) == expected and table["better"] is True
+    _, info = load_checkpoint(table["model"])
+    assert f"weights of step {expected[0]} of {table['steps']}" in info.notes
+    with pytest.raises(ft.FinetuneError, match="keep must be one of"):
+        ft.Recipe(keep="first")
+
+
+def test_a_run_whose_final_weights_are_not_better_keeps_the_starting_ones(tmp_path, corrections, tiny_checkpoint,
+                                                                         monkeypatch):
+    """--keep last: a lucky early check does not count, the final weights are not better."""
+    import torch
+
+    import src_train.finetune as ft
+    from napari_bach.checkpoint import load_checkpoint
+
+    calls = []
+
+    def candidates(model, held, thresholds):  # the start 0.5; every check 0.4, but for a lucky first one
+        calls.append(len(calls))
+        pq = 0.5 if len(calls) == 1 else 0.55 if len(calls) == 2 else 0.4
+        return {t: {"f1": pq, "aji": pq, "pq": pq, "dice": pq, "precision": pq, "recall": pq} for t in thresholds}
+
+    monkeypatch.setattr(ft, "candidates", candidates)
+    recipe = ft.Recipe(keep="last", check_every=1, lab_scale=False, choose_mask_threshold=False)
+    table = ft.finetune(corrections, tiny_checkpoint, 0.1, tmp_path / "out", threads=2, recipe=recipe)
+    assert table["chosen_step"] == 0 and table["better"] is False and table["after"]["pq"] == 0.5
+    start, _ = load_checkpoint(tiny_checkpoint)
+    tuned, info = load_checkpoint(table["model"])
+    for (name, a), b in zip(start.state_dict().items(), tuned.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-3), name  # the starting weights (saved in fp16)
+    assert "NOT better" in info.notes and "NOT better" in ft.verdict(table)

@@ -93,22 +93,18 @@ def iter_estimate_mpp(rgb: np.ndarray, model, pixel_size=None):
     ys, xs = tissue_window(rgb)
     window = np.ascontiguousarray(rgb[ys, xs])
     passes = LAB_PASSES if pixel_size.known else 1
+    why = "fitting the lab's scale" if pixel_size.known else "µm/px unknown, estimating the scale"
     mpp = None
     for i in range(passes):
-        why = "fitting the lab's scale" if pixel_size.known else "µm/px unknown, estimating the scale"
-        why += f" ({i + 1} of {passes})" if passes > 1 else ""
-        run = _median_mpp(window, model, pixel_size, mpp)
-        found = yield from relayed(run, lambda step: Progress(step.done, step.total, f"{why}: {step.message}"))
+        label = f"{why} ({i + 1} of {passes})" if passes > 1 else why
+        found = yield from relayed(_median_mpp(window, model, pixel_size, mpp),
+                                   lambda step: Progress(step.done, step.total, f"{label}: {step.message}"))
         if found is None:  # too few nuclei: the last estimate stands
             break
-        if pixel_size.known:
-            low, high = lab_bounds(pixel_size.mpp, cfg)
-            found = min(max(found, low), high)
-        elif not MPP_LIMITS[0] <= found <= MPP_LIMITS[1]:
-            return None
-        if found == mpp:
-            break
-        mpp = found
+        if not pixel_size.known:
+            return found if MPP_LIMITS[0] <= found <= MPP_LIMITS[1] else None
+        low, high = lab_bounds(pixel_size.mpp, cfg)
+        mpp = min(max(found, low), high)
     return mpp
 
 

@@ -5,11 +5,12 @@ At least one whole exported image is held out. It decides everything a few image
 mislead: when to stop (early stopping on it, when asked), which weights are kept (the
 best checked, the starting ones included; ``Recipe.keep``) and the mask threshold
 (re-chosen on it for the kept weights: fine-tuned masks are surer, and corrections drawn
-in another style than the training labels move where their edge lies). The starting and the fine-tuned model are
-both scored on it (F1@0.5, AJI, PQ), so "did it help?" is measured, and a run that did not
-help says so. Training is the usual :class:`Trainer` warm-started from the model, with a
-:class:`Recipe` measured on ``bench/finetune.py`` (light augmentation: one lab's stain) and
-a replay of the original training data (when it is there) so other tissue is not forgotten.
+in another style than the training labels move where their edge lies). The starting and
+the fine-tuned model are both scored on it (F1@0.5, AJI, PQ), so "did it help?" is
+measured, and a run that did not help says so. Training is the usual :class:`Trainer`
+warm-started from the model, with a :class:`Recipe` measured on ``bench/finetune.py``
+(light augmentation: one lab's stain) and a replay of the original training data (when it
+is there) so other tissue is not forgotten.
 The result is written only into the folder given, as a new file named with the date and
 the dataset; the starting model is never touched, nor is anything in the dataset.
 

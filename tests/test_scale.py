@@ -1,7 +1,7 @@
 """Images of unknown µm/px are segmented at the scale their nuclei's size says."""
 import numpy as np
-import torch
 import pytest
+import torch
 
 from conftest import OracleModel, image_with_squares, tiny_config
 from napari_bach.config import Thresholds

@@ -27,17 +27,16 @@ WINDOW = 768  # image pixels per side sampled (the whole image when smaller): ~4
 MIN_NUCLEI = 25  # fewer nuclei in the window: no estimate, the model's own scale is used
 MPP_LIMITS = (0.1, 1.5)  # an estimate outside this µm/px range is not trusted
 ZOOM_LIMITS = (0.5, 2.0)  # a lab's nuclei at most this far from the reference size (their ratio)
-# a lab model measures an image's nuclei again at the zoom its first pass gave: at the
-# image's own scale small nuclei are missed more than large ones, which biases the median
-# up (CoNSeP's held-out patches, starting weights: F1 0.666 with one pass, 0.681 with two,
-# 0.682 zoomed by their labels' own size)
-LAB_PASSES = 2
-# and so is an image of unknown µm/px (the held-out groups as if untagged, F1 / AJI with
-# one pass -> two: MoNuSeg breast 0.796 / 0.576 -> 0.794 / 0.580, CoNSeP 0.649 / 0.476 ->
-# 0.651 / 0.469, CPM-15 0.840 / 0.678 -> 0.850 / 0.690; as 20× scans 0.801 / 0.577 ->
-# 0.806 / 0.583, 0.573 / 0.403 -> 0.576 / 0.408, 0.803 / 0.653 -> 0.806 / 0.654), for
-# ~0.4 s more per image (a 1000² one: 1.0 -> 1.4 s on 2 cores; a slide's estimate is once)
-UNKNOWN_PASSES = 2
+# passes measuring an image's nuclei, each at the scale the one before gave: at the
+# image's own scale (or the model's, when unknown) small nuclei are missed more than large
+# ones, which biases the first median up. A lab model (CoNSeP's held-out patches, starting
+# weights): F1 0.666 with one pass, 0.681 with two, 0.682 zoomed by their labels' own size.
+# Unknown µm/px (the held-out groups as if untagged, F1 / AJI, one pass -> two): MoNuSeg
+# breast 0.796 / 0.576 -> 0.794 / 0.580, CoNSeP 0.649 / 0.476 -> 0.651 / 0.469, CPM-15
+# 0.840 / 0.678 -> 0.850 / 0.690; as 20× scans 0.801 / 0.577 -> 0.806 / 0.583, 0.573 /
+# 0.403 -> 0.576 / 0.408, 0.803 / 0.653 -> 0.806 / 0.654; ~0.4 s more per 1000² image
+# (1.0 -> 1.4 s on 2 cores; a slide's estimate is made once)
+PASSES = 2
 
 
 def tissue_window(rgb: np.ndarray, size: int = WINDOW) -> tuple[slice, slice]:
@@ -87,9 +86,9 @@ def iter_estimate_mpp(rgb: np.ndarray, model, pixel_size=None):
     """Generator (progress, as :func:`~napari_bach.predict.iter_predict`) returning the µm/px
     at which ``rgb``'s nuclei have the model's median diameter, or None when the model has
     no reference size, the window holds too few nuclei, or the answer is implausible. With
-    ``pixel_size`` known (a lab model's pass, :func:`needs_estimate`), the pass runs at it,
-    the answer is bounded by :func:`lab_bounds` and measured again at the zoom it gives
-    (``LAB_PASSES``)."""
+    ``pixel_size`` known (a lab model's pass, :func:`needs_estimate`), the pass runs at it
+    and the answer is bounded by :func:`lab_bounds`; either way it is measured again at
+    the scale it gave (``PASSES``)."""
     from .predict import Progress, relayed
 
     cfg = model.config
@@ -98,11 +97,10 @@ def iter_estimate_mpp(rgb: np.ndarray, model, pixel_size=None):
         return None
     ys, xs = tissue_window(rgb)
     window = np.ascontiguousarray(rgb[ys, xs])
-    passes = LAB_PASSES if pixel_size.known else UNKNOWN_PASSES
     why = "fitting the lab's scale" if pixel_size.known else "µm/px unknown, estimating the scale"
     mpp = None
-    for i in range(passes):
-        label = f"{why} ({i + 1} of {passes})" if passes > 1 else why
+    for i in range(PASSES):
+        label = f"{why} ({i + 1} of {PASSES})" if PASSES > 1 else why
         found = yield from relayed(_median_mpp(window, model, pixel_size, mpp),
                                    lambda step: Progress(step.done, step.total, f"{label}: {step.message}"))
         if found is None:  # too few nuclei: the last estimate stands

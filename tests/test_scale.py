@@ -32,7 +32,7 @@ def test_unknown_mpp_is_estimated_from_the_nuclei_and_used_for_segmenting_only()
     # nuclei of 9 µm: 22.6 px of them means 0.40 µm/px; the model works at 0.6 µm/px
     model = OracleModel(tiny_config(mpp=0.6, nucleus_diameter_um=9.0))
     det = predict(_image(), model, None)
-    # measured again at the scale it gave (scale.UNKNOWN_PASSES): boxes ±1 px there
+    # measured again at the scale it gave (scale.PASSES): boxes ±1 px there
     assert det.scale_estimate == pytest.approx(9.0 / np.sqrt(4 * 400 / np.pi), rel=0.03)
     assert not det.pixel_size.known  # an estimate is not the image's µm/px: sizes stay in pixels
     assert model.seen.shape[-1] <= 128 and det.image_shape == (600, 600)
@@ -93,8 +93,8 @@ class MissesSmallNuclei(OracleModel):
         return {**out, "boxes": out["boxes"][keep], "scores": out["scores"][keep], "masks": out["masks"][keep]}
 
 
-@pytest.mark.parametrize("mpp, lab_mpp, passes", [(0.3, 0.2, "LAB_PASSES"), (None, 0.0, "UNKNOWN_PASSES")])
-def test_the_scale_is_measured_again_at_the_zoom_the_first_pass_gave(monkeypatch, mpp, lab_mpp, passes):
+@pytest.mark.parametrize("mpp, lab_mpp", [(0.3, 0.2), (None, 0.0)])  # a lab model's; unknown µm/px
+def test_the_scale_is_measured_again_at_the_zoom_the_first_pass_gave(monkeypatch, mpp, lab_mpp):
     import napari_bach.scale as scale
 
     # a third 21 px squares, two thirds 15 px (14 px boxes): at its own scale (or the
@@ -105,5 +105,5 @@ def test_the_scale_is_measured_again_at_the_zoom_the_first_pass_gave(monkeypatch
     rgb = image_with_squares((600, 600), squares)
     small, large = np.sqrt(4 * 14**2 / np.pi), np.sqrt(4 * 20**2 / np.pi)
     assert predict(rgb, model, mpp).scale_estimate == pytest.approx(9.0 / small, rel=0.05)  # boxes ±1 px
-    monkeypatch.setattr(scale, passes, 1)
+    monkeypatch.setattr(scale, "PASSES", 1)
     assert predict(rgb, model, mpp).scale_estimate == pytest.approx(9.0 / large, rel=0.03)  # biased by the misses

@@ -77,7 +77,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=Recipe.patience)
     parser.add_argument("--keep", choices=KEEPS, default=Recipe.keep)
     parser.add_argument("--choose-threshold", action="store_true")
-    parser.add_argument("--keep-mask-threshold", action="store_true", help="keep the model's mask threshold")
+    parser.add_argument("--choose-mask-threshold", action="store_true",
+                        help="re-choose the mask threshold on the held-out corrections")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--track", action="store_true",
                         help="also score the same-source held-out images at every check (slower; diagnostics)")
@@ -95,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, patience=args.patience, keep=args.keep,
-                    choose_threshold=args.choose_threshold, choose_mask_threshold=not args.keep_mask_threshold,
+                    choose_threshold=args.choose_threshold, choose_mask_threshold=args.choose_mask_threshold,
                     check_every=args.check_every,
                     replay_share=args.replay_share, box_batch=args.box_batch,
                     box_positive_fraction=args.box_positive, rpn_batch=args.rpn_batch,
@@ -132,8 +133,11 @@ def main() -> None:
                 if event["best_step"] == event["step"]:
                     weights["best"], weights["best_step"] = weights["last"], event["step"]
 
+        # the checks on the way are the user's budget too: made only where something uses them
+        checked = args.track or args.keep == "best"
         table = finetune(dataset, args.model, args.minutes, out, replay=None if args.no_replay else split.train,
-                         recipe=recipe, seed=args.seed, threads=args.threads, on_check=on_check, on_event=on_event)
+                         recipe=recipe, seed=args.seed, threads=args.threads, on_check=on_check if checked else None,
+                         on_event=on_event)
         wall = time.perf_counter() - t0
         tuned, _ = load_checkpoint(table["model"])
         after = {name: score(tuned, samples) for name, samples in groups.items()}
@@ -144,10 +148,13 @@ def main() -> None:
         weights_only = {name: score(kept, samples) for name, samples in groups.items()}
         # the starting weights as the lab's model: what the zoom alone did
         scale_only = {name: score(at_scale(start, table["mpp"][1]), samples) for name, samples in groups.items()}
-        # the other Recipe.keep: the best check's weights for "last", the last's for "best"
+        # the other Recipe.keep (when the run checked on the way): the best check's weights
+        # for "last", the last's for "best"
         other = "best" if args.keep == "last" else "last"
-        tuned.load_state_dict(weights.get(other, start.state_dict()))
-        other_keep = {name: score(tuned, samples) for name, samples in groups.items()}
+        other_keep = {}
+        if checked:
+            tuned.load_state_dict(weights.get(other, start.state_dict()))
+            other_keep = {name: score(tuned, samples) for name, samples in groups.items()}
     print(" ".join(["python", *sys.argv]))
     print(f"fine-tuning: {wall / 60:.1f} min wall, {table['steps']} steps, weights of step {table['chosen_step']}, "
           f"score threshold {table['score_threshold'][0]:g} -> {table['score_threshold'][1]:g}, "
@@ -159,10 +166,12 @@ def main() -> None:
         b, a = before[name], after[name]
         print(f"{name:<34}{len(groups[name]):>7}   " + "   ".join(
             f"{b[k]:.3f} {a[k]:.3f} {a[k] - b[k]:+.3f}" for k in ("f1", "aji", "pq")))
-    other_step = checks[-1]["step"] if other == "last" else weights.get("best_step", 0)
-    for title, figures in (("the new weights at the starting thresholds and µm/px (forgetting):", weights_only),
-                           ("the starting weights as the lab's model (the zoom alone):", scale_only),
-                           (f"--keep {other} instead (step {other_step}):", other_keep)):
+    other_step = (checks[-1]["step"] if checks else 0) if other == "last" else weights.get("best_step", 0)
+    views = [("the new weights at the starting thresholds and µm/px (forgetting):", weights_only),
+             ("the starting weights as the lab's model (the zoom alone):", scale_only)]
+    if other_keep:
+        views.append((f"--keep {other} instead (step {other_step}):", other_keep))
+    for title, figures in views:
         print(title)
         for name in groups:
             b, a = before[name], figures[name]
@@ -172,7 +181,8 @@ def main() -> None:
               "track": track, "checks": checks,
               "groups": {name: {"images": [s.name for s in groups[name]], "before": before[name], "after": after[name],
                                 "after_at_start_settings": weights_only[name],
-                                "start_at_lab_mpp": scale_only[name], f"keep_{other}": other_keep[name]}
+                                "start_at_lab_mpp": scale_only[name],
+                                **({f"keep_{other}": other_keep[name]} if other_keep else {})}
                          for name in groups}}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -345,7 +345,7 @@ def cmd_finetune(args) -> int:
     on_event = (lambda event: print(json.dumps(event), flush=True)) if args.progress_json else None
     try:
         recipe = Recipe(lr=args.lr, parts=args.parts, ema=args.ema, choose_threshold=args.choose_threshold,
-                        choose_mask_threshold=not args.keep_mask_threshold, patience=args.patience, keep=args.keep,
+                        choose_mask_threshold=args.choose_mask_threshold, patience=args.patience, keep=args.keep,
                         augment=args.augment, lab_scale=not args.no_lab_scale)
         table = finetune(args.dataset, args.model, args.minutes, args.out, args.device, replay, recipe, args.seed,
                          args.threads, on_event)
@@ -563,12 +563,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(default %(default)s: never, the whole budget)")
     f.add_argument("--keep", choices=KEEPS, default=recipe.keep,
                    help="the weights kept when better than the starting ones on the held-out corrections: the "
-                        "best check's (default) or the run's final")
+                        "run's final (default) or the best of the checks on the way (chosen by few images)")
     f.add_argument("--choose-threshold", action="store_true",
                    help="re-choose the score threshold on the held-out corrections (reliable with many held-out nuclei)")
-    f.add_argument("--keep-mask-threshold", action="store_true",
-                   help="keep the model's mask threshold (by default it is re-chosen for the kept weights on the "
-                        "held-out corrections, 0.4-0.7)")
+    f.add_argument("--choose-mask-threshold", action="store_true",
+                   help="re-choose the mask threshold (0.4-0.7) for the kept weights on the held-out corrections "
+                        "(reliable with many held-out nuclei; by default the model's is kept)")
     f.add_argument("--no-lab-scale", action="store_true",
                    help="keep the model's µm/px even when the corrections' nuclei are smaller or larger than "
                         "its reference size (by default the new model then segments at the scale where they match, "

@@ -114,6 +114,8 @@ def main() -> None:
         t0 = time.perf_counter()
         track = []  # the same-source held-out images at every check: how the run went (chooses nothing)
 
+        # the checks on the way are the user's budget too: made only where something uses them
+        checked = args.track or args.keep == "best"
         weights = {}  # the last check's and the best check's (by the held-out corrections' PQ) weights
 
         def on_check(model, step: int) -> None:
@@ -130,11 +132,9 @@ def main() -> None:
         def on_event(event: dict) -> None:
             if event["event"] == "check":
                 checks.append({k: event[k] for k in ("step", "f1", "aji", "pq")})
-                if event["best_step"] == event["step"]:
+                if checked and event["best_step"] == event["step"]:
                     weights["best"], weights["best_step"] = weights["last"], event["step"]
 
-        # the checks on the way are the user's budget too: made only where something uses them
-        checked = args.track or args.keep == "best"
         table = finetune(dataset, args.model, args.minutes, out, replay=None if args.no_replay else split.train,
                          recipe=recipe, seed=args.seed, threads=args.threads, on_check=on_check if checked else None,
                          on_event=on_event)

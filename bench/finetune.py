@@ -115,7 +115,7 @@ def main() -> None:
         track = []  # the same-source held-out images at every check: how the run went (chooses nothing)
 
         # the checks on the way are the user's budget too: made only where something uses them
-        checked = args.track or args.keep == "best"
+        checked = args.track or recipe.checks_on_the_way
         weights = {}  # the last check's and the best check's (by the held-out corrections' PQ) weights
 
         def on_check(model, step: int) -> None:

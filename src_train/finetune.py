@@ -104,8 +104,8 @@ class Recipe:
     # two held-out CoNSeP patches chose (0.45, 0.5, 0.65) cost MoNuSeg PQ 0.012-0.025, and
     # 0.45 with a late check scored -0.007 F1 on the other patches (docs/training.md)
     choose_mask_threshold: bool = False
-    # steps between checks on the held-out corrections, when something uses them (keep
-    # "best", patience, a caller's on_check); else the final weights alone are checked
+    # steps between checks on the held-out corrections, when something uses them
+    # (checks_on_the_way, a caller's on_check); else the final weights alone are checked
     check_every: int = 25
     # checks without a better PQ before stopping; 0: the whole budget.
     # Stopping after 10 (250 steps) cut CoNSeP runs whose held-out corrections still rose
@@ -138,6 +138,12 @@ class Recipe:
     # CoNSeP's 4.45 µm nuclei (the model's 5.63 µm) are found better at 0.237 µm/px than at
     # 0.3 (+0.02 F1, start model); each image by its own nuclei, so MoNuSeg and CPM-15 keep theirs
     lab_scale: bool = True
+
+    @property
+    def checks_on_the_way(self) -> bool:
+        """Whether anything of the recipe uses checks before the end (else only the final
+        weights are checked, and the budget trains)."""
+        return self.keep == "best" or self.patience > 0
 
     def __post_init__(self) -> None:
         from .train import PARTS
@@ -332,7 +338,7 @@ def finetune(dataset: str | Path, model_path: str | Path, minutes: float, out: s
     trainer.seconds = check_s + reserve_s  # the budget is the user's clock: checks count
     emit({"event": "phase", "message": f"training on {len(train)} image(s) for {minutes:g} min"})
     stale = [0]
-    checking = recipe.keep == "best" or recipe.patience > 0 or on_check is not None  # else only the end counts
+    checking = recipe.checks_on_the_way or on_check is not None
 
     def weights() -> dict:
         return {k: v.detach().clone() for k, v in trainer.shipped_model().state_dict().items()}
